@@ -1,0 +1,31 @@
+# fleetgw: `make demo` runs the gateway on its embedded defaults, `make test` runs the checks.
+# Both set everything up on a fresh machine (a .venv with the project installed).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fleetgw run --config config/demo.toml --data-dir data/demo --duration 60
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/fleetgw bench journal --seconds 20 --json
+
+clean:
+	rm -rf $(VENV) data build *.egg-info

@@ -1,0 +1,184 @@
+"""The gateway's configuration: frozen, documented classes with defaults as named constants.
+
+Validation does no I/O (`config.loader` reads the TOML and reports errors with file and key).
+Each field says what it means and what 0 or empty means.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+DEFAULT_ADMIN_PORT = 19001
+DEFAULT_DISK_BUDGET_BYTES = 1 << 30  # 1 GiB
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+
+SENSOR_KINDS = ("imu", "gps", "engine")
+SENSOR_TYPES = ("sim",)
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+
+
+class FieldProblem(ValueError):
+    """A field's value breaks its rule; ``field`` names it, the message says value and rule."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field} {problem}")
+
+
+def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or value <= 0:
+        raise FieldProblem(attr.name, f"must be > 0 (got {value!r})")
+
+
+def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or value < 0:
+        raise FieldProblem(attr.name, f"must be >= 0 (got {value!r})")
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise FieldProblem(attr.name, f"must be one of {', '.join(choices)} (got {value!r})")
+
+    return check
+
+
+def _port(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if not 1024 <= value <= 65535:
+        raise FieldProblem(attr.name, f"must be a TCP port in 1024..65535 (got {value!r})")
+
+
+def _ident(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    from messages.readings import IDENT_RE
+
+    if not IDENT_RE.match(value):
+        raise FieldProblem(
+            attr.name, f"must be 1-128 characters from [A-Za-z0-9_.:-/] (got {value!r})"
+        )
+
+
+@attrs.frozen
+class GatewaySettings:
+    """[gateway]: identity and process-level settings."""
+
+    #: Default device id for sensors that do not set their own.
+    device_id: str = attrs.field(default="veh-001", validator=_ident)
+    #: Thespian admin port (loopback only). `fleetgw run --admin-port` overrides it.
+    admin_port: int = attrs.field(default=DEFAULT_ADMIN_PORT, validator=_port)
+    #: Seconds between one-line status prints of `fleetgw run`; 0 disables them.
+    status_interval_s: float = attrs.field(default=5.0, validator=_non_negative)
+    #: Log level of the gateway's structured log lines.
+    log_level: str = attrs.field(
+        default="info", validator=_one_of(("debug", "info", "warning", "error"))
+    )
+    #: Accept `InjectFault` messages (tests and drills only; never in the field).
+    fault_injection: bool = False
+    #: Seconds an orderly stop may take before the actor system is torn down anyway.
+    stop_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+
+
+@attrs.frozen
+class JournalSettings:
+    """[journal]: the durable SQLite journal (DATA_DIR/journal.db)."""
+
+    #: SQLite synchronous mode; FULL (default) makes every acknowledged commit survive power loss.
+    synchronous: str = attrs.field(default="FULL", validator=_one_of(SYNCHRONOUS_MODES))
+    #: Disk budget in bytes for the database and its WAL; when reached, appends are refused
+    #: (sensors hold their data) until space is freed. Must be >= 1 MiB.
+    disk_budget_bytes: int = attrs.field(default=DEFAULT_DISK_BUDGET_BYTES)
+    #: Seconds a sensor waits before retrying a refused batch.
+    refused_retry_s: float = attrs.field(default=1.0, validator=_positive)
+    #: Heartbeat deadline for the journal (seconds without an answer before SIGKILL). A commit
+    #: on a slow SD card can take a while: keep this generous.
+    heartbeat_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+
+    @disk_budget_bytes.validator
+    def _check_budget(self, attr: attrs.Attribute, value: int) -> None:
+        if value < 1 << 20:
+            raise FieldProblem("disk_budget_bytes", f"must be >= 1048576 (1 MiB) (got {value!r})")
+
+
+@attrs.frozen
+class SupervisionSettings:
+    """[supervision]: restart intensity, backoff and the heartbeat watchdog."""
+
+    #: Max restarts of one supervisor's children within `period_s` before it escalates.
+    intensity: int = attrs.field(default=10, validator=_positive)
+    #: Window of the intensity count, seconds.
+    period_s: float = attrs.field(default=30.0, validator=_positive)
+    #: First restart delay of a child that crashes again soon after a restart, seconds.
+    backoff_initial_s: float = attrs.field(default=0.1, validator=_positive)
+    #: Upper bound of the restart delay, seconds.
+    backoff_max_s: float = attrs.field(default=5.0, validator=_positive)
+    #: A child that ran this long without crashing has its backoff reset, seconds.
+    backoff_reset_s: float = attrs.field(default=10.0, validator=_positive)
+    #: Seconds between heartbeats to each child.
+    heartbeat_interval_s: float = attrs.field(
+        default=DEFAULT_HEARTBEAT_INTERVAL_S, validator=_positive
+    )
+    #: Seconds without a heartbeat answer before a child is SIGKILLed and restarted.
+    heartbeat_timeout_s: float = attrs.field(
+        default=DEFAULT_HEARTBEAT_TIMEOUT_S, validator=_positive
+    )
+
+
+@attrs.frozen
+class SensorSettings:
+    """[[sensors]]: one sensor actor each."""
+
+    #: Unique sensor id (the actor is named ``sensor:<id>``).
+    id: str = attrs.field(validator=_ident)
+    #: Source type: ``sim`` (seeded synthetic vehicle telemetry).
+    type: str = attrs.field(default="sim", validator=_one_of(SENSOR_TYPES))
+    #: What the simulator produces: ``imu`` (ax..gz), ``gps`` (lat, lon, speed...), ``engine``.
+    kind: str = attrs.field(default="imu", validator=_one_of(SENSOR_KINDS))
+    #: Readings per second.
+    rate_hz: float = attrs.field(default=10.0, validator=_positive)
+    #: Device id of the readings; empty means [gateway].device_id.
+    device_id: str = attrs.field(default="")
+    #: Seed of the simulator (same seed, same values).
+    seed: int = 0
+    #: A batch is sent when it holds this many readings ...
+    batch_max_readings: int = attrs.field(default=500, validator=_positive)
+    #: ... or when its oldest reading is this old, seconds.
+    batch_max_age_s: float = attrs.field(default=0.2, validator=_positive)
+    #: Bytes of unacknowledged batches held; when full the sensor holds its source
+    #: (back-pressure) instead of dropping.
+    buffer_max_bytes: int = attrs.field(default=8 << 20, validator=_positive)
+    #: Batches sent but not acknowledged at once.
+    max_in_flight: int = attrs.field(default=16, validator=_positive)
+    #: Resend a batch not acknowledged after this many seconds.
+    resend_after_s: float = attrs.field(default=3.0, validator=_positive)
+
+    @device_id.validator
+    def _check_device(self, attr: attrs.Attribute, value: str) -> None:
+        if value:
+            _ident(self, attr, value)
+
+
+@attrs.frozen
+class GatewayConfig:
+    """The whole gateway configuration (one TOML file)."""
+
+    gateway: GatewaySettings = GatewaySettings()
+    journal: JournalSettings = JournalSettings()
+    supervision: SupervisionSettings = SupervisionSettings()
+    sensors: tuple[SensorSettings, ...] = attrs.field(default=())
+
+    @sensors.validator
+    def _unique_sensors(self, attr: attrs.Attribute, value: tuple[SensorSettings, ...]) -> None:
+        seen: set[str] = set()
+        for s in value:
+            if s.id in seen:
+                raise FieldProblem("sensors", f"ids must be unique (got {s.id!r} twice)")
+            seen.add(s.id)
+
+    def device_of(self, sensor: SensorSettings) -> str:
+        """The device id a sensor's readings carry."""
+        return sensor.device_id or self.gateway.device_id
+
+

@@ -1,0 +1,145 @@
+"""The supervision conversation: starting, watching, restarting and inspecting actors.
+
+Where this sits: every supervised actor (journal, sensors, later router, model, uplink) gets a
+`ChildInit` from its supervisor, answers `Heartbeat` with `HeartbeatAck` (its pid and figures),
+and learns peers' current addresses from `PeersChanged`. The gateway root answers
+`TopologyRequest` from the inspector with the whole tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+#: Actor states shown by the inspector.
+STATES = ("starting", "running", "restarting", "backing_off", "stopping", "dead")
+
+
+@attrs.frozen(slots=True)
+class ChildInit:
+    """Command from a supervisor to a child it just created: your name, your settings, your
+    peers' addresses, and how often you will be heartbeated."""
+
+    name: str
+    settings: Any
+    peers: tuple[tuple[str, Any], ...]
+    data_dir: str
+    fault_injection: bool = False
+
+
+@attrs.frozen(slots=True)
+class ChildReady:
+    """Fact from a child: initialised and working. ``pgid`` lets the run process clean up."""
+
+    name: str
+    pid: int
+    pgid: int
+
+
+@attrs.frozen(slots=True)
+class ChildStopping:
+    """Fact from a child: I am about to exit on my own; ``normal`` tells a transient child's
+    supervisor not to restart it."""
+
+    name: str
+    normal: bool
+    reason: str
+
+
+@attrs.frozen(slots=True)
+class Heartbeat:
+    """Liveness probe from a supervisor; the child must answer within its deadline."""
+
+    seq: int
+
+
+@attrs.frozen(slots=True)
+class HeartbeatAck:
+    """Answer to `Heartbeat`: the child's pid and its own figures (name -> number or text)."""
+
+    name: str
+    seq: int
+    pid: int
+    figures: tuple[tuple[str, Any], ...] = ()
+
+
+@attrs.frozen(slots=True)
+class PeersChanged:
+    """Event down the tree: these peers (name -> address) have new addresses."""
+
+    peers: tuple[tuple[str, Any], ...]
+
+
+@attrs.frozen(slots=True)
+class StopChild:
+    """Command: stop in order (flush, finish in-flight work) and answer `ChildStopped`."""
+
+    request_id: int
+    timeout_s: float
+
+
+@attrs.frozen(slots=True)
+class ChildStopped:
+    """Fact: the child finished its orderly stop (``clean`` false if it gave up waiting)."""
+
+    name: str
+    request_id: int
+    clean: bool
+    detail: str = ""
+
+
+@attrs.frozen(slots=True)
+class InjectFault:
+    """Test/drill command: make this actor fail in a real way. Honoured only when the gateway
+    config enables fault injection. ``kind``: ``exception`` | ``exit`` | ``segfault`` |
+    ``hang`` | ``slow``; ``seconds`` for ``slow``."""
+
+    kind: str
+    seconds: float = 0.0
+
+
+FAULT_KINDS = ("exception", "exit", "segfault", "hang", "slow")
+
+
+@attrs.frozen(slots=True)
+class ActorNode:
+    """One node of the supervision tree as the inspector shows it."""
+
+    name: str
+    cls: str
+    pid: int | None
+    state: str
+    restarts: int
+    last_exit: str | None
+    uptime_s: float | None
+    figures: tuple[tuple[str, Any], ...] = ()
+    children: tuple[ActorNode, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "cls": self.cls,
+            "pid": self.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "uptime_s": None if self.uptime_s is None else round(self.uptime_s, 3),
+            "figures": dict(self.figures),
+            "children": [c.to_json() for c in self.children],
+        }
+
+
+@attrs.frozen(slots=True)
+class TopologyRequest:
+    """Query from the inspector (or the run process) for the live tree."""
+
+    request_id: int
+
+
+@attrs.frozen(slots=True)
+class TopologyReport:
+    """Answer to `TopologyRequest`: the tree rooted at the answering supervisor."""
+
+    request_id: int
+    root: ActorNode
