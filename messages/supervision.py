@@ -56,12 +56,14 @@ class Heartbeat:
 
 @attrs.frozen(slots=True)
 class HeartbeatAck:
-    """Answer to `Heartbeat`: the child's pid and its own figures (name -> number or text)."""
+    """Answer to `Heartbeat`: the child's pid and its own figures (name -> number or text);
+    a child supervisor adds its subtree, so the root can answer the inspector at once."""
 
     name: str
     seq: int
     pid: int
     figures: tuple[tuple[str, Any], ...] = ()
+    children: tuple[ActorNode, ...] = ()
 
 
 @attrs.frozen(slots=True)
@@ -143,3 +145,22 @@ class TopologyReport:
 
     request_id: int
     root: ActorNode
+
+
+@attrs.frozen(slots=True)
+class FaultRequest:
+    """Test/drill command to the gateway root: forward `InjectFault` to the actor named
+    ``target``. Refused unless the config enables fault injection."""
+
+    request_id: int
+    target: str
+    fault: InjectFault
+
+
+@attrs.frozen(slots=True)
+class FaultForwarded:
+    """Answer to `FaultRequest`: whether the fault was forwarded, and why not."""
+
+    request_id: int
+    ok: bool
+    detail: str = ""

@@ -1,0 +1,124 @@
+"""JournalWriter: the actor shell around `Journal`, the only writer of DATA_DIR/journal.db (I3).
+
+Where this sits: sensors send `Append` and get `Appended` only after the commit (I1) or
+`AppendRefused` (back-pressure: disk budget or a full disk); consumers send `ConsumerCommit`
+(I4); the uplink sends `AdvanceWatermark`. After each commit the journal tells the consumers
+among its peers `NewRecords` (they poll as well, so a lost notice costs only latency).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from typing import Any
+
+from actors.base import SupervisedActor
+from actors.journal.journal import Journal
+from messages.journal import (
+    AdvanceWatermark,
+    Append,
+    Appended,
+    ConsumerCommit,
+    ConsumerCommitted,
+    NewRecords,
+    WatermarkAdvanced,
+)
+from messages.supervision import StopChild
+
+#: Peers that consume the journal and want NewRecords (later issues add them to the tree).
+CONSUMER_PEERS = ("router", "model", "uplink")
+
+
+def journal_path(data_dir: str) -> str:
+    return os.path.join(data_dir, "journal.db")
+
+
+class JournalWriter(SupervisedActor):
+    """Turns journal messages into `Journal` calls; replies only after the commit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.journal: Journal | None = None
+        self.commits = 0
+        self.records = 0
+        self.refused = 0
+        self.duplicates = 0
+        self.last_commit_mono: float | None = None
+        self.commit_times: deque[float] = deque(maxlen=4096)
+
+    def on_init(self) -> None:
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.journal = Journal(
+            journal_path(self.data_dir),
+            synchronous=self.settings.synchronous,
+            disk_budget_bytes=self.settings.disk_budget_bytes,
+        )
+
+    def committed(self, count: int) -> None:
+        now = time.monotonic()
+        self.commits += 1
+        self.records += count
+        self.last_commit_mono = now
+        self.commit_times.append(now)
+
+    def notify_consumers(self, upto: Any) -> None:
+        for name in CONSUMER_PEERS:
+            address = self.peers.get(name)
+            if address is not None:
+                self.send(address, NewRecords(upto))
+
+    def receiveMsg_Append(self, msg: Append, sender: Any) -> None:
+        assert self.journal is not None
+        reply = self.journal.append(msg.batch_id, msg.batch, msg.resend_floor)
+        if isinstance(reply, Appended):
+            if reply.duplicate:
+                self.duplicates += 1
+            else:
+                self.committed(len(msg.batch))
+                self.notify_consumers(reply.last)
+        else:
+            self.refused += 1
+        self.send(sender, reply)
+
+    def receiveMsg_ConsumerCommit(self, msg: ConsumerCommit, sender: Any) -> None:
+        assert self.journal is not None
+        reply = self.journal.commit_consumer(msg)
+        if isinstance(reply, ConsumerCommitted) and not reply.duplicate:
+            self.committed(len(msg.outputs) if msg.outputs is not None else 0)
+            if msg.outputs is not None:
+                self.notify_consumers(self.journal.last_position())
+        self.send(sender, reply)
+
+    def receiveMsg_AdvanceWatermark(self, msg: AdvanceWatermark, sender: Any) -> None:
+        assert self.journal is not None
+        seq = self.journal.advance_watermark(msg.device_id, msg.lane, msg.seq)
+        self.send(sender, WatermarkAdvanced(msg.device_id, msg.lane, seq, msg.request_id))
+
+    def figures(self) -> list[tuple[str, Any]]:
+        now = time.monotonic()
+        recent = [t for t in self.commit_times if now - t <= 5.0]
+        figures: list[tuple[str, Any]] = [
+            ("records", self.records),
+            ("commits", self.commits),
+            ("commits_per_s", round(len(recent) / 5.0, 1)),
+            ("last_commit_age_s",
+             None if self.last_commit_mono is None else round(now - self.last_commit_mono, 2)),
+            ("refused", self.refused),
+            ("duplicates", self.duplicates),
+        ]
+        if self.journal is not None:
+            figures.append(("usage_bytes", self.journal.usage_bytes()))
+        return figures
+
+    def on_stop(self, msg: StopChild, sender: Any) -> None:
+        self.close()
+        self.reply_stopped(sender, msg, clean=True)
+
+    def on_exit(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None

@@ -1,0 +1,123 @@
+"""The gateway root: the Supervisor at the top of the tree, and the run process's counterpart.
+
+Where this sits: `fleetgw run` creates it (global name ``fleetgw-gateway``) and sends
+`StartGateway`; it builds the tree of supervisors.tree and answers `GatewayStarted` when every
+child is ready. It answers the inspector's `TopologyRequest` from what heartbeats told it, stops
+the tree in order on `StopGateway`, and escalates to the OS (`GatewayFailed` to the run process,
+which exits non-zero so systemd restarts it) when its own restart intensity is exceeded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from actors.base import log
+from messages.gateway import (
+    GatewayFailed,
+    GatewayNotConfigured,
+    GatewayStarted,
+    GatewayStopped,
+    StartGateway,
+    StopGateway,
+)
+from messages.supervision import (
+    ActorNode,
+    FaultForwarded,
+    FaultRequest,
+    StopChild,
+    TopologyReport,
+    TopologyRequest,
+)
+from supervisors.supervisor import Supervisor
+from supervisors.tree import gateway_tree
+
+#: The global name under which the run process and the inspector find the root.
+GLOBAL_NAME = "fleetgw-gateway"
+
+
+class Gateway(Supervisor):
+    """Root supervisor of one gateway."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_process: Any = None
+        self.start_request: int | None = None
+        self.failed: str | None = None
+
+    def receiveMsg_StartGateway(self, msg: StartGateway, sender: Any) -> None:
+        if self.spec is not None:
+            log().warning("gateway already started; ignoring a second StartGateway")
+            return
+        from supervisors.hardening import restore_fatal_signal_defaults
+
+        restore_fatal_signal_defaults()
+        self.name = "gateway"
+        self.run_process = sender
+        self.start_request = msg.request_id
+        self.data_dir = msg.data_dir
+        self.settings = msg.config
+        self.fault_injection = msg.config.gateway.fault_injection
+        self.started_mono = time.monotonic()
+        self.start_tree(gateway_tree(msg.config))
+
+    def on_all_ready(self) -> None:
+        self.send(
+            self.run_process,
+            GatewayStarted(self.start_request or 0, os.getpgid(0), os.getppid()),
+        )
+
+    def receiveMsg_TopologyRequest(self, msg: TopologyRequest, sender: Any) -> None:
+        if self.spec is None:
+            self.send(sender, GatewayNotConfigured(msg.request_id))
+            return
+        self.send(sender, TopologyReport(msg.request_id, self.node()))
+
+    def node(self) -> ActorNode:
+        state = "dead" if self.failed else ("stopping" if self.stop_queue is not None
+                                            else "running")
+        return ActorNode(
+            name="gateway",
+            cls="Gateway",
+            pid=os.getpid(),
+            state=state,
+            restarts=0,
+            last_exit=self.failed,
+            uptime_s=time.monotonic() - self.started_mono,
+            figures=tuple(self.figures()),
+            children=self.subtree(),
+        )
+
+    def receiveMsg_FaultRequest(self, msg: FaultRequest, sender: Any) -> None:
+        if not self.fault_injection:
+            self.send(sender, FaultForwarded(msg.request_id, False,
+                                             "fault injection is off in this gateway's config"))
+            return
+        address = self.peers.get(msg.target)
+        if address is None:
+            rec = next((r for r in self.records if r.spec.name == msg.target), None)
+            address = rec.address if rec is not None else None
+        if address is None:
+            self.send(sender, FaultForwarded(msg.request_id, False,
+                                             f"no running actor named {msg.target!r}"))
+            return
+        self.send(address, msg.fault)
+        self.send(sender, FaultForwarded(msg.request_id, True))
+
+    def receiveMsg_StopGateway(self, msg: StopGateway, sender: Any) -> None:
+        if self.spec is None:
+            self.send(sender, GatewayStopped(msg.request_id, clean=True, detail="not started"))
+            return
+        self.begin_stop(sender, StopChild(msg.request_id, msg.timeout_s))
+
+    def finish_stop(self, clean: bool) -> None:
+        assert self.stop_request is not None
+        requester, msg = self.stop_request
+        self.send(requester, GatewayStopped(msg.request_id, clean))
+
+    def on_escalate(self, reason: str) -> None:
+        # The top escalates to the OS: the run process exits non-zero (systemd restarts it).
+        self.failed = reason
+        if self.run_process is not None:
+            self.send(self.run_process, GatewayFailed(reason))

@@ -1,0 +1,117 @@
+"""Process-level facts and force for supervisors: is a pid alive, kill it, reap orphans.
+
+Where this sits: used by `supervisors.supervisor` only. Thespian offers no kill API and leaves
+a dead parent's children running (THESPIAN_NOTES.md), so a supervisor records its children's
+pids (with their start times, so a recycled pid is never killed by mistake) in
+DATA_DIR/run/sup-<name>.json, and a new incarnation of the supervisor kills what its
+predecessor left behind before it starts anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import psutil
+
+from messages.supervision import ActorNode
+
+
+def create_time(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def alive(pid: int | None, started: float | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when ``started`` is given, is that process."""
+    if pid is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 0.01
+    except psutil.Error:
+        return False
+
+
+def kill(pid: int, started: float | None = None) -> bool:
+    """SIGKILL ``pid`` and its descendants (if it is still the process started at
+    ``started``). Returns whether it was alive."""
+    if not alive(pid, started):
+        return False
+    try:
+        victims = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        victims = []
+    for proc in [psutil.Process(pid), *victims] if victims else [psutil.Process(pid)]:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+    return True
+
+
+def pid_of_new_child(actor: Any, address: Any) -> int | None:
+    """The pid of a child the actor just created (Thespian starts it synchronously and keeps
+    its multiprocessing.Process); None if this Thespian does not expose it."""
+    manager = getattr(actor, "_myRef", None)
+    for info in reversed(getattr(manager, "_child_procs", []) or []):
+        if info.childAddr is address or info.childAddr == address:
+            return getattr(info.childProc, "pid", None)
+    return None
+
+
+def walk(nodes: Iterable[ActorNode]) -> Iterator[ActorNode]:
+    """Every node of a subtree, depth first."""
+    for node in nodes:
+        yield node
+        yield from walk(node.children)
+
+
+def _file(data_dir: str, name: str) -> str:
+    safe = name.replace(":", "_").replace("/", "_")
+    return os.path.join(data_dir, "run", f"sup-{safe}.json")
+
+
+def record_children(data_dir: str, name: str, records: Iterable[Any]) -> None:
+    """Persist the pids (with start times) of a supervisor's children and their subtrees."""
+    entries = []
+    for rec in records:
+        if rec.pid is not None:
+            entries.append([rec.spec.name, rec.pid, rec.pid_create_time])
+        for node in walk(rec.subtree):
+            if node.pid:
+                entries.append([node.name, node.pid, create_time(node.pid)])
+    path = _file(data_dir, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"supervisor_pid": os.getpid(), "children": entries}, fh)
+    os.replace(tmp, path)
+
+
+def reap_predecessor(data_dir: str, name: str) -> list[tuple[str, int]]:
+    """Kill the processes a previous incarnation of supervisor ``name`` recorded, if they
+    still run. Returns (child name, pid) of each process killed."""
+    path = _file(data_dir, name)
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    killed = []
+    if data.get("supervisor_pid") == os.getpid():
+        return []
+    for child, pid, started in data.get("children", []):
+        if pid != os.getpid() and started is not None and kill(pid, started):
+            killed.append((child, pid))
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    return killed

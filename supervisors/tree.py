@@ -1,0 +1,73 @@
+"""The gateway's supervision tree, built from its config as data (DESIGN.md "The shape").
+
+    gateway (root, one_for_one)
+    ├── journal        JournalWriter — the only writer of journal.db
+    └── sensors        Supervisor(one_for_one)
+          └── sensor:<id>  SimSensor (one per configured sensor)
+
+The journal comes first: sensors need its address, and in an orderly stop (reverse order) the
+sensors drain into the journal before it closes. one_for_one at the root: when the journal
+restarts, sensors keep their unacknowledged batches and resend them to its new address.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from config.schema import GatewayConfig
+from supervisors.spec import ChildSpec, Restart, Strategy, SupervisorFlags, SupervisorSpec
+
+SENSOR_CLASSES = {"sim": "actors.sensors.actor.SimSensor"}
+JOURNAL_CLASS = "actors.journal.actor.JournalWriter"
+SUPERVISOR_CLASS = "supervisors.supervisor.Supervisor"
+
+
+def sensor_name(sensor_id: str) -> str:
+    return f"sensor:{sensor_id}"
+
+
+def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
+    """The root supervisor's spec for ``config``."""
+    sup = config.supervision
+
+    def flags(strategy: Strategy) -> SupervisorFlags:
+        return SupervisorFlags(
+            strategy=strategy,
+            intensity=sup.intensity,
+            period_s=sup.period_s,
+            backoff_initial_s=sup.backoff_initial_s,
+            backoff_max_s=sup.backoff_max_s,
+            backoff_reset_s=sup.backoff_reset_s,
+            heartbeat_interval_s=sup.heartbeat_interval_s,
+        )
+
+    sensors = tuple(
+        ChildSpec(
+            name=sensor_name(s.id),
+            actor_class=SENSOR_CLASSES[s.type],
+            restart=Restart.PERMANENT,
+            shutdown_timeout_s=max(5.0, s.resend_after_s * 2),
+            heartbeat_timeout_s=sup.heartbeat_timeout_s,
+            settings=attrs.evolve(s, device_id=config.device_of(s)),
+        )
+        for s in config.sensors
+    )
+    children = (
+        ChildSpec(
+            name="journal",
+            actor_class=JOURNAL_CLASS,
+            restart=Restart.PERMANENT,
+            shutdown_timeout_s=10.0,
+            heartbeat_timeout_s=config.journal.heartbeat_timeout_s,
+            settings=config.journal,
+        ),
+        ChildSpec(
+            name="sensors",
+            actor_class=SUPERVISOR_CLASS,
+            restart=Restart.PERMANENT,
+            shutdown_timeout_s=max([10.0, *(c.shutdown_timeout_s + 2 for c in sensors)]),
+            heartbeat_timeout_s=sup.heartbeat_timeout_s,
+            settings=SupervisorSpec(flags(Strategy.ONE_FOR_ONE), sensors),
+        ),
+    )
+    return SupervisorSpec(flags(Strategy.ONE_FOR_ONE), children)

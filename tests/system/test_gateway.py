@@ -1,0 +1,174 @@
+"""The gateway spine end to end: real `fleetgw run` processes, real faults.
+
+Each test names the promise it checks. Gateways run with fault injection enabled and are
+always torn down with nothing left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from supervisors import system
+from tests.system.checks import assert_each_reading_once_and_none_missing, seq_is_gapless
+from tests.system.harness import ROOT, wait_for, walk
+
+pytestmark = pytest.mark.system
+
+RATES = {"imu0": 100, "gps0": 5, "engine0": 20}
+
+
+def test_journal_sigkilled_under_load_loses_and_doubles_nothing(make_gateway):
+    gw = make_gateway().start()
+    for _ in range(4):
+        wait_for(lambda: gw.records() > 50, 30, "the journal to commit under load")
+        before = gw.node("journal")
+        os.kill(before["pid"], signal.SIGKILL)
+        # Journaling resumes: the new incarnation commits (its own record count grows).
+        wait_for(lambda b=before: (n := gw.node("journal"))["pid"] not in (None, b["pid"])
+                 and n["state"] == "running" and n["figures"]["records"] > 0, 30,
+                 "the journal to be restarted and to commit again")
+    journal = gw.node("journal")
+    assert journal["restarts"] >= 4
+    assert "SIGKILL" in (journal["last_exit"] or "")
+    assert gw.terminate() == 0
+    assert seq_is_gapless(gw.journal_path)
+    assert_each_reading_once_and_none_missing(gw.journal_path, RATES)
+    verify = gw.cli("journal", "verify", "--db", gw.journal_path)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_five_sensor_actors_sigkilled_at_once_are_all_restarted(make_gateway):
+    sensors = [{"id": f"s{i}", "kind": "engine", "rate_hz": 10, "seed": i} for i in range(5)]
+    gw = make_gateway(sensors=sensors).start()
+    nodes = gw.nodes()
+    old = {f"sensor:s{i}": nodes[f"sensor:s{i}"]["pid"] for i in range(5)}
+    for pid in old.values():
+        os.kill(pid, signal.SIGKILL)
+
+    def all_replaced():
+        now = gw.nodes()
+        return all(now[n]["pid"] not in (None, pid) and now[n]["state"] == "running"
+                   and now[n]["restarts"] == 1 for n, pid in old.items())
+
+    wait_for(all_replaced, 30, "all five sensors to be restarted once")
+    for pid in old.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+def test_segfault_inside_an_actor_is_detected_and_restarted(make_gateway):
+    gw = make_gateway().start()
+    before = gw.node("sensor:gps0")
+    gw.inject("sensor:gps0", "segfault")
+    wait_for(lambda: (n := gw.node("sensor:gps0"))["restarts"] == 1 and n["state"] == "running",
+             30, "the segfaulted sensor to be restarted")
+    after = gw.node("sensor:gps0")
+    assert after["pid"] != before["pid"]
+    assert "SIGSEGV" in after["last_exit"]
+
+
+def test_hung_actor_is_killed_by_the_watchdog_and_restarted(make_gateway):
+    gw = make_gateway(supervision={"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.5}).start()
+    before = gw.node("sensor:engine0")
+    gw.inject("sensor:engine0", "hang")
+    wait_for(lambda: (n := gw.node("sensor:engine0"))["restarts"] == 1
+             and n["state"] == "running", 30, "the hung sensor to be killed and restarted")
+    after = gw.node("sensor:engine0")
+    assert after["pid"] != before["pid"]
+    assert "hung" in after["last_exit"]
+    assert not psutil.pid_exists(before["pid"]) or \
+        psutil.Process(before["pid"]).status() == "zombie"
+
+
+def test_crash_loop_backs_off_then_escalates_when_intensity_is_exceeded(make_gateway):
+    gw = make_gateway(supervision={"intensity": 3, "period_s": 60, "backoff_initial_s": 0.2,
+                                   "backoff_max_s": 1.0, "backoff_reset_s": 30}).start()
+    for expected in range(1, 4):
+        gw.inject("sensor:imu0", "exit")
+        wait_for(lambda e=expected: (n := gw.node("sensor:imu0"))["restarts"] == e
+                 and n["state"] == "running", 30, f"restart {expected} of the crashing sensor")
+    # The fourth crash within the period exceeds the intensity of 3: `sensors` gives up and
+    # the root restarts it (a fresh supervisor with fresh children).
+    sensors_before = gw.node("sensors")
+    gw.inject("sensor:imu0", "exit")
+    wait_for(lambda: (n := gw.node("sensors"))["restarts"] == 1 and n["state"] == "running"
+             and gw.all_running(), 30, "the sensors supervisor to escalate and be restarted")
+    sensors_after = gw.node("sensors")
+    assert sensors_after["pid"] != sensors_before["pid"]
+    assert "gave up" in sensors_after["last_exit"]
+    log = gw.gateway_log()
+    delays = [float(line.split(" in ")[1].rstrip('s"'))
+              for line in log.splitlines()
+              if "restarting sensor:imu0 in" in line]
+    assert delays[:3] == [0.2, 0.4, 0.8], delays
+
+
+def test_logger_process_killed_the_system_keeps_working(make_gateway):
+    gw = make_gateway().start()
+    admin_pid = system.read_state(gw.data_dir)["admin_pid"]
+    actor_pids = {n["pid"] for n in walk(gw.tree())}
+    loggers = [p for p in psutil.Process(admin_pid).children() if p.pid not in actor_pids]
+    assert loggers, "expected the logger process among the admin's children"
+    for proc in loggers:
+        proc.kill()
+    floor = gw.records()
+    wait_for(lambda: gw.records() > floor + 100, 30, "journaling to go on without the logger")
+    assert gw.all_running()
+    assert gw.terminate() == 0
+
+
+def test_no_gateway_socket_listens_beyond_loopback(make_gateway):
+    gw = make_gateway().start()
+    listening = []
+    for pid in gw.gateway_pids():
+        for conn in psutil.Process(pid).net_connections(kind="inet"):
+            if conn.status == psutil.CONN_LISTEN:
+                listening.append((pid, conn.laddr.ip, conn.laddr.port))
+    assert listening, "expected the admin and actor sockets"
+    assert all(ip in ("127.0.0.1", "::1") for _pid, ip, _port in listening), listening
+
+
+def test_sigterm_stops_in_order_exits_0_and_leaves_no_process(make_gateway):
+    gw = make_gateway().start()
+    wait_for(lambda: gw.records() > 100, 30, "some records")
+    pgid = gw.pgid()
+    assert gw.terminate() == 0
+    assert system.group_members(pgid) == []
+    assert not system.admin_listening(gw.port)
+    out = gw.output()
+    assert "summary" in out
+    # Orderly stop: sensors drained into the journal, so every reading is there once.
+    assert_each_reading_once_and_none_missing(gw.journal_path, RATES)
+
+
+def test_sigkilled_run_is_followed_by_a_clean_start_on_the_same_dir_and_port(make_gateway):
+    gw = make_gateway().start()
+    wait_for(lambda: gw.records() > 100, 30, "some records")
+    gw.proc.kill()
+    gw.proc.wait()
+    old_pgid = gw.pgid()
+    assert system.group_members(old_pgid), "the actors outlive a SIGKILLed run process"
+    before = gw.records()
+    gw.start()
+    assert system.group_members(old_pgid) == []
+    wait_for(lambda: gw.records() > before, 30, "journaling on the same journal")
+    assert gw.terminate() == 0
+    assert seq_is_gapless(gw.journal_path)
+    verify = gw.cli("journal", "verify", "--db", gw.journal_path)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_bad_config_exits_2_naming_file_key_and_problem(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[[sensors]]\nid = "imu0"\nrate_hz = 0\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "run", "--config", str(path),
+         "--data-dir", str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True,
+        timeout=60)
+    assert result.returncode == 2
+    assert f"{path}: sensors[0].rate_hz: must be > 0" in result.stderr

@@ -1,0 +1,207 @@
+"""`fleetgw bench journal`: sustained durable journaling through the actors, beside the raw
+apsw batched-insert rate of the same rows measured in the same run.
+
+Where this sits: outside the gateway. It runs a real `fleetgw run` (several simulated sensors
+-> the JournalWriter actor, synchronous=FULL) in a temporary data dir and reads its figures
+through the inspector; then it inserts the very rows that run journaled into a bare table with
+plain apsw (500 rows a transaction, WAL, synchronous=FULL) and prints both and their ratio.
+
+Two phases: throughput with the sensors saturating the journal (what the journal sustains),
+then ack latency at a steady offered load of half that throughput (what a sensor sees in
+normal operation; at saturation latency only measures queue length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import apsw
+import psutil
+
+from supervisors import system
+from tools.topology import InspectorError, fetch_tree
+
+RAW_BATCH = 500
+
+
+def _config(sensors: int, rate_hz: float, port: int) -> str:
+    lines = [
+        "[gateway]", 'device_id = "bench-001"', f"admin_port = {port}", "status_interval_s = 0",
+        "[journal]", 'synchronous = "FULL"', "disk_budget_bytes = 8589934592",
+    ]
+    for i in range(sensors):
+        lines += [
+            "[[sensors]]", f'id = "imu{i}"', 'kind = "imu"', f"rate_hz = {rate_hz}",
+            f"seed = {i + 1}", f'device_id = "bench-{i:03d}"', "batch_max_readings = 500",
+            "batch_max_age_s = 0.02", "max_in_flight = 4",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _walk(node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
+def _journal_records(port: int) -> tuple[float, int]:
+    tree = fetch_tree(port)
+    journal = next(n for n in _walk(tree) if n.name == "journal")
+    return time.monotonic(), int(dict(journal.figures)["records"])
+
+
+def _wait_records(port: int, minimum: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(InspectorError, StopIteration, KeyError):
+            if _journal_records(port)[1] >= minimum:
+                return
+        time.sleep(0.2)
+    raise RuntimeError("the gateway did not start journaling in time")
+
+
+def _memory(pid: int, pgid: int | None) -> tuple[float, float]:
+    procs = [psutil.Process(pid)]
+    if pgid:
+        procs += system.group_members(pgid)
+    rss = uss = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            info = proc.memory_full_info()
+            rss += info.rss
+            uss += info.uss
+    return rss / 2**20, uss / 2**20
+
+
+def _latencies(port: int) -> tuple[float, float]:
+    tree = fetch_tree(port)
+    p50s, p99s = [], []
+    for node in _walk(tree):
+        figures = dict(node.figures)
+        if "ack_ms_p99" in figures:
+            p50s.append(figures["ack_ms_p50"])
+            p99s.append(figures["ack_ms_p99"])
+    return sorted(p50s)[len(p50s) // 2], max(p99s)
+
+
+class GatewayProcess:
+    """A `fleetgw run` child process with its own data dir."""
+
+    def __init__(self, workdir: str, name: str, config: str, port: int) -> None:
+        self.data_dir = os.path.join(workdir, name)
+        os.makedirs(self.data_dir)
+        self.config_path = os.path.join(workdir, f"{name}.toml")
+        with open(self.config_path, "w") as fh:
+            fh.write(config)
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.cli", "run", "--config", self.config_path,
+             "--data-dir", self.data_dir, "--admin-port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+
+    @property
+    def journal(self) -> str:
+        return os.path.join(self.data_dir, "journal.db")
+
+    def pgid(self) -> int | None:
+        return system.read_state(self.data_dir).get("pgid")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        pgid = self.pgid()
+        if pgid:
+            system.kill_group(pgid)
+
+
+def raw_apsw_rate(source_db: str, workdir: str, max_rows: int = 300_000) -> float:
+    """Rows/s of plain apsw inserting the rows the gateway journaled, 500 a transaction."""
+    src = apsw.Connection(source_db, flags=apsw.SQLITE_OPEN_READONLY)
+    rows = list(src.execute(
+        "SELECT device_id, seq, sensor_id, ts, kind, payload FROM records ORDER BY pos LIMIT ?",
+        (max_rows,)))
+    src.close()
+    path = os.path.join(workdir, "raw.db")
+    db = apsw.Connection(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (pos INTEGER PRIMARY KEY, device_id TEXT, seq INTEGER, "
+               "sensor_id TEXT, ts INTEGER, kind TEXT, payload TEXT, UNIQUE(device_id, seq))")
+    started = time.perf_counter()
+    for i in range(0, len(rows), RAW_BATCH):
+        with db:
+            db.executemany("INSERT INTO t (device_id, seq, sensor_id, ts, kind, payload) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows[i:i + RAW_BATCH])
+    elapsed = time.perf_counter() - started
+    db.close()
+    return len(rows) / elapsed
+
+
+def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> dict:
+    workdir = tempfile.mkdtemp(prefix="fleetgw-bench-")
+    try:
+        # Phase 1: saturate the journal.
+        offered = rate or 1_000_000.0
+        gw = GatewayProcess(workdir, "throughput", _config(sensors, offered, port), port)
+        try:
+            _wait_records(port, 5000, 60)
+            time.sleep(1.0)  # warm-up: let the queues settle
+            t0, n0 = _journal_records(port)
+            time.sleep(seconds / 2)
+            t1, n1 = _journal_records(port)
+            rss, uss = _memory(gw.proc.pid, gw.pgid())
+        finally:
+            gw.stop()
+        readings_per_s = (n1 - n0) / (t1 - t0)
+        raw = raw_apsw_rate(gw.journal, workdir)
+        # Phase 2: ack latency at half the sustained rate.
+        steady = max(10.0, readings_per_s / 2 / sensors)
+        gw2 = GatewayProcess(workdir, "latency", _config(sensors, steady, port + 1), port + 1)
+        try:
+            _wait_records(port + 1, 1000, 60)
+            time.sleep(seconds / 2)
+            p50, p99 = _latencies(port + 1)
+            t0, n0 = _journal_records(port + 1)
+        finally:
+            gw2.stop()
+        return {
+            "readings_per_s": round(readings_per_s),
+            "raw_apsw_rows_per_s": round(raw),
+            "ratio": round(readings_per_s / raw, 3),
+            "ack_latency_ms_p50": p50,
+            "ack_latency_ms_p99": p99,
+            "latency_offered_readings_per_s": round(steady * sensors),
+            "rss_mb_total": round(rss, 1),
+            "uss_mb_total": round(uss, 1),
+            "sensors": sensors,
+            "seconds": seconds,
+            "synchronous": "FULL",
+            "cpus": os.cpu_count(),
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench_journal_command(seconds: float, sensors: int, rate: float | None, port: int,
+                          as_json: bool) -> int:
+    result = run_bench(seconds, sensors, rate, port)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:32} {value}")
+    return 0

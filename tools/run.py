@@ -1,0 +1,250 @@
+"""`fleetgw run`: the long-running gateway process in the foreground.
+
+Where this sits: the top of everything. It cleans up a stale actor system of an earlier run,
+starts the hardened actor system and the gateway root, prints a one-line status every few
+seconds, stops in order on SIGTERM/SIGINT (or after --duration) and exits 0; it exits 1 when the
+actor system dies or the root gives up (escalation to the OS: systemd restarts it), and 2 on a
+bad config.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from config import ConfigError, GatewayConfig, load_config
+from messages.gateway import (
+    GatewayFailed,
+    GatewayStarted,
+    GatewayStopped,
+    StartGateway,
+    StopGateway,
+)
+from messages.supervision import ActorNode, TopologyReport, TopologyRequest
+from supervisors import system
+from tools.logs import setup_process_logging, thespian_log_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Consecutive unanswered status queries before the actor system counts as dead.
+MAX_MISSED_STATUS = 3
+
+_ids = itertools.count(1)
+
+
+def log() -> logging.Logger:
+    return logging.getLogger("fleetgw.run")
+
+
+def ask(asys: Any, address: Any, message: Any, reply_types: tuple, timeout_s: float) -> Any:
+    """Send and wait for a reply of ``reply_types`` with the same request_id (Thespian's ask
+    returns whatever arrives next; after a timeout replies would shift by one)."""
+    deadline = time.monotonic() + timeout_s
+    asys.tell(address, message)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        reply = asys.listen(remaining)
+        if reply is None:
+            return None
+        if isinstance(reply, GatewayFailed):
+            return reply
+        if isinstance(reply, reply_types) and getattr(reply, "request_id", None) == getattr(
+            message, "request_id", None
+        ):
+            return reply
+
+
+def find(node: ActorNode, name: str) -> ActorNode | None:
+    if node.name == name:
+        return node
+    for child in node.children:
+        found = find(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+def walk(node: ActorNode):
+    yield node
+    for child in node.children:
+        yield from walk(child)
+
+
+def status_line(root: ActorNode) -> str:
+    figures = dict(find(root, "journal").figures) if find(root, "journal") else {}
+    sensors = [n for n in walk(root) if n.name.startswith("sensor:")]
+    up = sum(1 for n in sensors if n.state == "running")
+    unacked = sum(dict(n.figures).get("unacked_batches", 0) for n in sensors)
+    restarts = sum(n.restarts for n in walk(root))
+    return (
+        f"status: journal records={figures.get('records', '?')} "
+        f"commits/s={figures.get('commits_per_s', '?')} "
+        f"last_commit_age_s={figures.get('last_commit_age_s', '?')} "
+        f"sensors={up}/{len(sensors)} unacked_batches={unacked} restarts={restarts}"
+    )
+
+
+class Runner:
+    """One run of the gateway: start, watch, stop."""
+
+    def __init__(self, config: GatewayConfig, config_path: str, data_dir: str,
+                 admin_port: int, duration_s: float | None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.data_dir = os.path.abspath(data_dir)
+        self.admin_port = admin_port
+        self.duration_s = duration_s
+        self.stop_reason: str | None = None
+        self.asys: Any = None
+        self.gateway: Any = None
+        self.pgid: int | None = None
+        self.last_tree: ActorNode | None = None
+
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        self.stop_reason = signal.Signals(signum).name
+
+    def run(self) -> int:
+        os.makedirs(self.data_dir, exist_ok=True)
+        for action in system.cleanup_stale(self.data_dir, self.admin_port):
+            log().warning("cleanup: %s", action)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log_file = os.path.join(self.data_dir, "gateway.log")
+        self.asys = system.start_actor_system(
+            self.admin_port, thespian_log_config(log_file, self.config.gateway.log_level)
+        )
+        try:
+            return self.supervise()
+        finally:
+            self.teardown()
+
+    def supervise(self) -> int:
+        from supervisors.gateway import GLOBAL_NAME, Gateway
+
+        self.gateway = self.asys.createActor(Gateway, globalName=GLOBAL_NAME)
+        started = ask(self.asys, self.gateway,
+                      StartGateway(next(_ids), self.config, self.data_dir),
+                      (GatewayStarted,), 60.0)
+        if not isinstance(started, GatewayStarted):
+            log().error("gateway did not start: %s", started)
+            return EXIT_FAILED
+        self.pgid = started.pgid
+        system.write_state(self.data_dir, run_pid=os.getpid(),
+                           run_started=psutil.Process().create_time(),
+                           pgid=started.pgid, admin_pid=started.admin_pid,
+                           admin_port=self.admin_port)
+        log().info("gateway started: config=%s data_dir=%s admin_port=%d pgid=%d",
+                   self.config_path, self.data_dir, self.admin_port, started.pgid)
+        print(f"fleetgw: gateway running (config {self.config_path}, data dir {self.data_dir}, "
+              f"admin port {self.admin_port}); Ctrl-C stops it", flush=True)
+        began = time.monotonic()
+        interval = self.config.gateway.status_interval_s
+        next_status = began + (interval or 1.0)
+        missed = 0
+        while self.stop_reason is None:
+            if self.duration_s is not None and time.monotonic() - began >= self.duration_s:
+                self.stop_reason = f"duration {self.duration_s:g}s reached"
+                break
+            message = self.asys.listen(0.25)
+            if isinstance(message, GatewayFailed):
+                log().error("gateway gave up: %s", message.reason)
+                return EXIT_FAILED
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + (interval or 1.0)
+                report = ask(self.asys, self.gateway, TopologyRequest(next(_ids)),
+                             (TopologyReport,), 2.0)
+                if isinstance(report, GatewayFailed):
+                    log().error("gateway gave up: %s", report.reason)
+                    return EXIT_FAILED
+                if report is None:
+                    missed += 1
+                    if missed >= MAX_MISSED_STATUS or not system.group_members(self.pgid):
+                        log().error("actor system is not answering; exiting so the service "
+                                    "manager restarts the gateway")
+                        return EXIT_FAILED
+                    continue
+                missed = 0
+                self.last_tree = report.root
+                if interval:
+                    print(status_line(report.root), flush=True)
+        return self.stop()
+
+    def stop(self) -> int:
+        log().info("stopping: %s", self.stop_reason)
+        print(f"fleetgw: stopping ({self.stop_reason})", flush=True)
+        report = ask(self.asys, self.gateway, TopologyRequest(next(_ids)), (TopologyReport,), 2.0)
+        if isinstance(report, TopologyReport):
+            self.last_tree = report.root
+        timeout = self.config.gateway.stop_timeout_s
+        stopped = ask(self.asys, self.gateway, StopGateway(next(_ids), timeout),
+                      (GatewayStopped,), timeout * 3)
+        if not isinstance(stopped, GatewayStopped):
+            log().error("orderly stop did not finish in time; tearing down")
+            return EXIT_FAILED
+        if not stopped.clean:
+            log().warning("orderly stop was not clean: %s", stopped.detail)
+        return EXIT_OK
+
+    def teardown(self) -> None:
+        if self.asys is not None:
+            try:
+                self.asys.shutdown()
+            except Exception as exc:  # the system may already be dead
+                log().warning("actor system shutdown: %s", exc)
+        if self.pgid is not None:
+            n = system.kill_group(self.pgid)
+            if n:
+                log().warning("killed %d actor process(es) left after shutdown", n)
+        system.clear_state(self.data_dir)
+
+
+def print_summary(data_dir: str, tree: ActorNode | None) -> None:
+    """What was journaled and what restarted."""
+    from actors.journal import JournalError, open_readonly
+    from actors.journal.actor import journal_path
+
+    print("fleetgw: summary")
+    try:
+        with open_readonly(journal_path(data_dir)) as reader:
+            stats = reader.stats()
+        print(f"  journal: {stats.records} records in {stats.path} "
+              f"({stats.usage_bytes / 2**20:.1f} MiB, generation {stats.generation[:8]})")
+        for d in stats.devices:
+            print(f"  device {d.device_id}: {d.count} records, seq {d.seq_lo}..{d.seq_hi}")
+    except JournalError as exc:
+        print(f"  journal: {exc}")
+    if tree is not None:
+        restarted = [(n.name, n.restarts, n.last_exit) for n in walk(tree) if n.restarts]
+        if restarted:
+            for name, count, last in restarted:
+                print(f"  restarts: {name} x{count} (last: {last})")
+        else:
+            print("  restarts: none")
+
+
+def run_command(config_path: str, data_dir: str | None, admin_port: int | None,
+                duration_s: float | None) -> int:
+    setup_process_logging()
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"fleetgw run: bad config\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    data_dir = data_dir or "data"
+    port = admin_port or config.gateway.admin_port
+    runner = Runner(config, config_path, data_dir, port, duration_s)
+    try:
+        code = runner.run()
+    except system.StaleSystemError as exc:
+        print(f"fleetgw run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print_summary(runner.data_dir, runner.last_tree)
+    return code
