@@ -38,6 +38,9 @@ from messages.supervision import (
 
 #: Exit status of an actor process that crashed on an unhandled exception.
 EXIT_CRASH = 70
+#: Messages held while waiting for ChildInit (beyond this they are dropped: their senders
+#: resend what matters, e.g. sensors resend unacknowledged batches).
+MAX_EARLY_MESSAGES = 1000
 
 
 def crash_file(data_dir: str, name: str) -> str:
@@ -80,15 +83,27 @@ class SupervisedActor(ActorTypeDispatcher):
         self.settings: Any = None
         self.peers: dict[str, Any] = {}
         self.parent: Any = None
-        self.data_dir: str = "."
+        self.data_dir: str | None = None
         self.fault_injection = False
         self.started_mono = time.monotonic()
         self._timers: set[str] = set()
+        self.initialised = False
+        self._early: list[tuple[Any, Any]] = []
 
     # ----------------------------------------------------------------- dispatch + let it crash
     def receiveMessage(self, message: Any, sender: Any) -> Any:
+        # Messages from peers can overtake our ChildInit (they come from other senders): hold
+        # them until we are initialised, then handle them in order.
+        if not self.initialised and not isinstance(message, (ChildInit, ActorExitRequest)):
+            if len(self._early) < MAX_EARLY_MESSAGES:
+                self._early.append((message, sender))
+            return None
         try:
-            return super().receiveMessage(message, sender)
+            result = super().receiveMessage(message, sender)
+            while self._early and self.initialised:
+                early, early_sender = self._early.pop(0)
+                super().receiveMessage(early, early_sender)
+            return result
         except Exception:
             self._crash(traceback.format_exc())
 
@@ -97,7 +112,8 @@ class SupervisedActor(ActorTypeDispatcher):
         log().error("actor %s crashed: %s\n%s", self.name, last, trace)
         # A message sent now would be lost with the process; the supervisor reads the reason
         # from this file when it handles the exit.
-        write_crash_reason(self.data_dir, self.name, last)
+        if self.data_dir is not None:
+            write_crash_reason(self.data_dir, self.name, last)
         os._exit(EXIT_CRASH)
 
     def stop_normally(self, reason: str) -> None:
@@ -118,6 +134,7 @@ class SupervisedActor(ActorTypeDispatcher):
         self.fault_injection = msg.fault_injection
         self.started_mono = time.monotonic()
         self.on_init()
+        self.initialised = True
         if self.ready_on_init:
             self.announce_ready()
 

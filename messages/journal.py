@@ -155,3 +155,15 @@ class WatermarkAdvanced:
     lane: str
     seq: int
     request_id: int = 0
+
+
+@attrs.frozen(slots=True)
+class WatermarkRefused:
+    """Fact: the watermark was not moved (``reason`` says why: e.g. a seq beyond what the
+    journal holds for the device, or a full disk)."""
+
+    device_id: str
+    lane: str
+    seq: int
+    reason: str
+    request_id: int = 0

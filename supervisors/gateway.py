@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+from thespian.actors import ActorExitRequest
+
 from actors.base import log
 from messages.gateway import (
     GatewayFailed,
@@ -35,6 +37,10 @@ from supervisors.tree import gateway_tree
 
 #: The global name under which the run process and the inspector find the root.
 GLOBAL_NAME = "fleetgw-gateway"
+#: A root created by an inspector's lookup while no gateway runs exits after this long unless
+#: a run process claims it with StartGateway. (The inspector never stops a root itself: its
+#: lookup can race the run process's own creation of the same global actor.)
+UNCLAIMED_EXIT_S = 30.0
 
 
 class Gateway(Supervisor):
@@ -42,9 +48,23 @@ class Gateway(Supervisor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The root is configured by StartGateway, not ChildInit, and must answer the inspector
+        # before that (GatewayNotConfigured): it never holds messages back.
+        self.initialised = True
         self.run_process: Any = None
         self.start_request: int | None = None
         self.failed: str | None = None
+        self.unclaimed_timer = False
+
+    def receiveMessage(self, message: Any, sender: Any) -> Any:
+        if self.spec is None and not self.unclaimed_timer:
+            self.unclaimed_timer = True
+            self.start_timer("unclaimed", UNCLAIMED_EXIT_S)
+        return super().receiveMessage(message, sender)
+
+    def on_timer_unclaimed(self) -> None:
+        if self.spec is None:
+            self.send(self.myAddress, ActorExitRequest())
 
     def receiveMsg_StartGateway(self, msg: StartGateway, sender: Any) -> None:
         if self.spec is not None:

@@ -60,7 +60,7 @@ def group_members(pgid: int) -> list[psutil.Process]:
 def _is_ours(proc: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         cmd = " ".join(proc.cmdline())
-        return "fleetgw" in cmd or "thespian" in cmd.lower() or "pytest" in cmd
+        return any(mark in cmd for mark in ("fleetgw", "tools.cli", "thespian", "pytest"))
     return False
 
 
@@ -157,10 +157,20 @@ def start_actor_system(admin_port: int, log_defs: dict | None) -> Any:
 
 
 def attach(admin_port: int) -> Any:
-    """Attach to the running system on ``admin_port`` without starting one."""
+    """Attach to the running system on ``admin_port`` without ever starting one.
+
+    Thespian's ActorSystem() starts a new Admin when none answers on the port; an inspector
+    racing a gateway's restart would then leave a rogue Admin holding the gateway's port. In
+    an attaching process that start is replaced by an error.
+    """
     if not admin_listening(admin_port):
         raise NoGatewayError(f"no gateway is running on admin port {admin_port}")
     hardening.apply()
     from thespian.actors import ActorSystem
+    from thespian.system import multiprocCommon
 
+    def refuse_to_start_admin(*_args: Any, **_kwargs: Any) -> None:
+        raise NoGatewayError(f"no gateway is running on admin port {admin_port}")
+
+    multiprocCommon.multiprocessCommon._startAdmin = refuse_to_start_admin
     return ActorSystem("multiprocTCPBase", hardening.capabilities(admin_port))

@@ -9,6 +9,7 @@ bad config.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -194,6 +195,12 @@ class Runner:
         return EXIT_OK
 
     def teardown(self) -> None:
+        if self.pgid is None:
+            # The gateway never reported its process group: find it from the admin port.
+            for pid in system.listener_pids(self.admin_port):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if os.getpgid(pid) != os.getpgid(0):
+                        self.pgid = os.getpgid(pid)
         if self.asys is not None:
             try:
                 self.asys.shutdown()

@@ -34,8 +34,6 @@ class InspectorError(RuntimeError):
 
 def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
     """The live tree of the gateway on ``admin_port``. Raises InspectorError."""
-    from thespian.actors import ActorExitRequest
-
     from supervisors.gateway import GLOBAL_NAME, Gateway
 
     try:
@@ -53,8 +51,8 @@ def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
         if isinstance(reply, TopologyReport) and reply.request_id == request.request_id:
             return reply.root
         if isinstance(reply, GatewayNotConfigured):
-            # Our lookup created an empty root: remove it again, there is no gateway here.
-            asys.tell(root, ActorExitRequest())
+            # Our lookup found (or created) a root that no run process has started; an
+            # unclaimed root removes itself (supervisors.gateway.UNCLAIMED_EXIT_S).
             raise InspectorError(f"admin port {admin_port} has an actor system but no gateway")
     raise InspectorError(f"the gateway on admin port {admin_port} did not answer in "
                          f"{timeout_s:g}s")
@@ -131,16 +129,30 @@ def _walk(node: ActorNode | None):
         yield from _walk(child)
 
 
+#: Upper bound on one attach + query, whatever Thespian does inside (seconds).
+FETCH_DEADLINE_S = 20
+
+
+def _deadline_hit(_signum: int, _frame: Any) -> None:
+    raise InspectorError(f"no answer within {FETCH_DEADLINE_S}s")
+
+
 def topology_command(admin_port: int, as_json: bool, dot: bool, watch: bool,
                      interval_s: float = 1.0, count: int | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGALRM, _deadline_hit)
     previous: ActorNode | None = None
     shown = 0
     while True:
+        signal.alarm(FETCH_DEADLINE_S)
         try:
             tree = fetch_tree(admin_port)
         except InspectorError as exc:
+            signal.alarm(0)
             print(f"fleetgw topology: {exc}", file=sys.stderr)
             return 1
+        signal.alarm(0)
         if as_json:
             print(json.dumps(tree.to_json(), indent=None if watch else 2), flush=True)
         elif dot:

@@ -13,16 +13,21 @@ import time
 from collections import deque
 from typing import Any
 
-from actors.base import SupervisedActor
+import apsw
+
+from actors.base import SupervisedActor, log
 from actors.journal.journal import Journal
 from messages.journal import (
     AdvanceWatermark,
     Append,
     Appended,
+    AppendRefused,
     ConsumerCommit,
+    ConsumerCommitRefused,
     ConsumerCommitted,
     NewRecords,
     WatermarkAdvanced,
+    WatermarkRefused,
 )
 from messages.supervision import StopChild
 
@@ -53,6 +58,7 @@ class JournalWriter(SupervisedActor):
             journal_path(self.data_dir),
             synchronous=self.settings.synchronous,
             disk_budget_bytes=self.settings.disk_budget_bytes,
+            refused_retry_s=self.settings.refused_retry_s,
         )
 
     def committed(self, count: int) -> None:
@@ -69,7 +75,10 @@ class JournalWriter(SupervisedActor):
                 self.send(address, NewRecords(upto))
 
     def receiveMsg_Append(self, msg: Append, sender: Any) -> None:
-        assert self.journal is not None
+        if self.journal is None:  # closed by an orderly stop: the sender keeps the batch
+            self.send(sender, AppendRefused(msg.batch_id, "stopping", "the journal is stopping",
+                                            self.settings.refused_retry_s))
+            return
         reply = self.journal.append(msg.batch_id, msg.batch, msg.resend_floor)
         if isinstance(reply, Appended):
             if reply.duplicate:
@@ -82,7 +91,10 @@ class JournalWriter(SupervisedActor):
         self.send(sender, reply)
 
     def receiveMsg_ConsumerCommit(self, msg: ConsumerCommit, sender: Any) -> None:
-        assert self.journal is not None
+        if self.journal is None:
+            self.send(sender, ConsumerCommitRefused(msg.consumer, msg.request_id, msg.expected,
+                                                    "stopping: the journal is stopping"))
+            return
         reply = self.journal.commit_consumer(msg)
         if isinstance(reply, ConsumerCommitted) and not reply.duplicate:
             self.committed(len(msg.outputs) if msg.outputs is not None else 0)
@@ -91,8 +103,22 @@ class JournalWriter(SupervisedActor):
         self.send(sender, reply)
 
     def receiveMsg_AdvanceWatermark(self, msg: AdvanceWatermark, sender: Any) -> None:
-        assert self.journal is not None
-        seq = self.journal.advance_watermark(msg.device_id, msg.lane, msg.seq)
+        refused = None
+        if self.journal is None:
+            refused = "stopping: the journal is stopping"
+        else:
+            try:
+                seq = self.journal.advance_watermark(msg.device_id, msg.lane, msg.seq)
+            except ValueError as exc:  # bad request from the uplink: say so, do not crash
+                refused = f"invalid: {exc}"
+            except apsw.FullError as exc:
+                refused = f"disk_full: {exc}"
+        if refused is not None:
+            log().warning("journal refused a watermark for %s/%s: %s", msg.device_id, msg.lane,
+                          refused)
+            self.send(sender, WatermarkRefused(msg.device_id, msg.lane, msg.seq, refused,
+                                               msg.request_id))
+            return
         self.send(sender, WatermarkAdvanced(msg.device_id, msg.lane, seq, msg.request_id))
 
     def figures(self) -> list[tuple[str, Any]]:

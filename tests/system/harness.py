@@ -46,7 +46,7 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
             value = predicate()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - polled conditions may fail transiently
+        except Exception as exc:  # polled conditions may fail transiently
             last_error = exc
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}"

@@ -1,0 +1,320 @@
+"""The journal's on-disk format: tables, migrations, what a row accepts, and opening a file.
+
+Where this sits on the data path: every reading a sensor sends lands in ``records`` (step 2 of
+"The data path"); consumers keep their durable place in ``cursors`` (step 3); the uplink's
+acknowledged sync points live in ``watermarks`` (step 6). `Journal` (the single writer, I3)
+opens the file with `open_for_writing` (which migrates); read-only connections call
+`check_readable`. `batch_problem` is what a batch must satisfy before its rows are written.
+
+The version is ``PRAGMA user_version``; ``PRAGMA application_id`` marks the file as a fleetgw
+journal, so a stray SQLite file is never mistaken for one (or silently "migrated").
+A journal written by an older fleetgw is migrated in one transaction; a newer one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+
+import apsw
+
+from messages.journal import SeqRange
+from messages.readings import IDENT_RE, TS_MAX_NS, TS_MIN_NS, ReadingBatch
+
+#: ``PRAGMA application_id`` of a fleetgw journal ("FLGJ").
+APPLICATION_ID = 0x464C474A
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+BUSY_TIMEOUT_MS = 5_000
+#: After a checkpoint the WAL is truncated back to this size. Above the ~4 MiB the default
+#: autocheckpoint (1000 pages) lets it reach, so steady state never pays for re-growing it.
+JOURNAL_SIZE_LIMIT_BYTES = 8 << 20
+
+
+class JournalError(Exception):
+    """The journal at ``path`` cannot be used as asked; the message says why and what helps."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class JournalNotFound(JournalError):
+    """No journal exists at the path (read-only opens never create one)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            path,
+            f"no journal at {path}: the file does not exist (the gateway creates "
+            "DATA_DIR/journal.db on its first `fleetgw run`; check --db)",
+        )
+
+
+class NotAJournal(JournalError):
+    """The file exists but is not a fleetgw journal (not SQLite, or another application's)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(path, f"{path} is not a fleetgw journal: {why}")
+
+
+class SchemaTooNew(JournalError):
+    """The journal was written by a newer fleetgw; this one refuses to touch it."""
+
+    def __init__(self, path: str, found: int, known: int) -> None:
+        self.found = found
+        self.known = known
+        super().__init__(
+            path,
+            f"{path} has journal schema version {found}, newer than this fleetgw knows "
+            f"({known}); run the fleetgw that wrote it (downgrading a journal is not supported)",
+        )
+
+
+class SchemaTooOld(JournalError):
+    """A read-only open found an older schema; only the writer migrates."""
+
+    def __init__(self, path: str, found: int, known: int) -> None:
+        self.found = found
+        self.known = known
+        super().__init__(
+            path,
+            f"{path} has journal schema version {found}, older than this fleetgw's ({known}); "
+            "`fleetgw run` migrates it on start",
+        )
+
+
+def _v1_data_path(conn: apsw.Connection) -> None:
+    """v1: the data path — records with per-device seqs, batch ids, consumer cursors."""
+    conn.execute(
+        f"""
+        PRAGMA application_id = {APPLICATION_ID};
+        -- generation: random 128-bit hex made when the database is created (I2); last_pos: the
+        -- highest Position ever assigned, so positions are never reused even after deletes.
+        CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        -- last_seq is the per-device counter; it moves in the same transaction as the rows.
+        CREATE TABLE devices(
+            device_id TEXT PRIMARY KEY,
+            last_seq INTEGER NOT NULL CHECK (last_seq >= 0)
+        ) WITHOUT ROWID;
+        -- pos is the journal Position. It is assigned by the writer from meta.last_pos rather
+        -- than AUTOINCREMENT: same never-reused guarantee, without AUTOINCREMENT's per-row
+        -- sqlite_sequence update (measured ~8% of an append). STRICT makes SQLite reject a
+        -- wrongly typed column instead of storing it.
+        CREATE TABLE records(
+            pos INTEGER PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            sensor_id TEXT NOT NULL,
+            ts INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            committed_ns INTEGER NOT NULL,
+            UNIQUE (device_id, seq)
+        ) STRICT;
+        -- One row per committed sensor batch: a resent batch is answered from here. Rows go
+        -- when the sender raises its resend floor past them, or a while after their sensor
+        -- restarted as a new incarnation (committed_ns dates them).
+        CREATE TABLE batches(
+            sensor_id TEXT NOT NULL,
+            incarnation INTEGER NOT NULL,
+            batch_no INTEGER NOT NULL,
+            first_pos INTEGER NOT NULL,
+            last_pos INTEGER NOT NULL,
+            ranges TEXT NOT NULL,
+            committed_ns INTEGER NOT NULL,
+            PRIMARY KEY (sensor_id, incarnation, batch_no)
+        ) WITHOUT ROWID;
+        CREATE TABLE cursors(
+            consumer TEXT PRIMARY KEY,
+            pos INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+def _v2_resend_safe_commits_and_watermarks(conn: apsw.Connection) -> None:
+    """v2: consumer commits remember their request id (a resent commit is recognised) and the
+    uplink's sync watermarks."""
+    conn.execute(
+        """
+        ALTER TABLE cursors ADD COLUMN last_request_id INTEGER;
+        ALTER TABLE cursors ADD COLUMN last_ranges TEXT;
+        CREATE TABLE watermarks(
+            device_id TEXT NOT NULL,
+            lane TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL,
+            PRIMARY KEY (device_id, lane)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+def _v3_resend_floors(conn: apsw.Connection) -> None:
+    """v3: remember each sensor incarnation's resend floor, so a late resend of a batch whose
+    id was already forgotten (below the floor) is still recognised as a duplicate."""
+    conn.execute(
+        """
+        CREATE TABLE resend_floors(
+            sensor_id TEXT NOT NULL,
+            incarnation INTEGER NOT NULL,
+            floor INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL,
+            PRIMARY KEY (sensor_id, incarnation)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+#: Migration steps in order: step i brings a journal from version i to version i + 1.
+#: Append new steps; never edit a released one.
+MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
+    _v1_data_path,
+    _v2_resend_safe_commits_and_watermarks,
+    _v3_resend_floors,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def batch_problem(batch: object) -> str | None:
+    """Why ``batch`` cannot be stored, or None. Cheap (C-speed passes over the columns): the
+    readings were validated when built; this guards the journal against a malformed batch."""
+    if not isinstance(batch, ReadingBatch):
+        return f"expected a ReadingBatch, got {type(batch).__name__}"
+    n = len(batch.ts)
+    if n == 0:
+        return "batch has no readings"
+    lengths = {len(batch.device_ids), len(batch.kinds), len(batch.payloads)}
+    if lengths != {n}:
+        return (
+            f"columns differ in length: ts={n} device_ids={len(batch.device_ids)} "
+            f"kinds={len(batch.kinds)} payloads={len(batch.payloads)}"
+        )
+    for field, values in (
+        ("sensor_id", (batch.sensor_id,)),
+        ("device_ids", set(batch.device_ids)),
+        ("kinds", set(batch.kinds)),
+    ):
+        for value in values:
+            if not isinstance(value, str) or not IDENT_RE.match(value):
+                return f"{field} holds {value!r}, expected identifiers ([A-Za-z0-9_.:-/])"
+    if set(map(type, batch.ts)) != {int}:
+        return "ts must all be int nanoseconds since the epoch"
+    if min(batch.ts) < TS_MIN_NS or max(batch.ts) >= TS_MAX_NS:
+        return f"ts out of range: {min(batch.ts)}..{max(batch.ts)} (expected 2000..2200 in ns)"
+    if set(map(type, batch.payloads)) != {str}:
+        return "payloads must all be str (JSON from encode_values)"
+    return None
+
+
+def ranges_to_json(ranges: tuple[SeqRange, ...]) -> str:
+    """How batches.ranges and cursors.last_ranges store SeqRanges: [[device, lo, hi], ...]."""
+    return json.dumps([[r.device_id, r.seq_lo, r.seq_hi] for r in ranges], separators=(",", ":"))
+
+
+def ranges_from_json(text: str | None) -> tuple[SeqRange, ...]:
+    """Inverse of `ranges_to_json` (None, as in a cursor that never committed outputs: ())."""
+    return tuple(SeqRange(d, lo, hi) for d, lo, hi in json.loads(text or "[]"))
+
+
+def _has_user_tables(conn: apsw.Connection) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _identify(conn: apsw.Connection, path: str) -> int:
+    """The schema version of the journal on ``conn``; 0 for an empty database.
+
+    Raises NotAJournal for a non-SQLite file or another application's database, and
+    SchemaTooNew for a journal newer than this code.
+    """
+    try:
+        app_id = conn.pragma("application_id")
+        version = conn.pragma("user_version")
+        has_tables = _has_user_tables(conn)
+    except (apsw.NotADBError, apsw.CorruptError) as exc:
+        raise NotAJournal(path, f"not a SQLite database ({exc})") from exc
+    if app_id == 0 and version == 0 and not has_tables:
+        return 0
+    if app_id != APPLICATION_ID:
+        raise NotAJournal(
+            path, f"SQLite database of another application (application_id {app_id:#x})"
+        )
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(path, version, SCHEMA_VERSION)
+    return version
+
+
+def migrate(conn: apsw.Connection, path: str, clock_ns: Callable[[], int]) -> int:
+    """Bring the journal on ``conn`` to `SCHEMA_VERSION` in one transaction; return the version
+    it had (0: created now, with a new generation)."""
+    # Refuse a newer or foreign file before taking the write lock or changing anything.
+    _identify(conn, path)
+    with conn:  # transaction_mode IMMEDIATE: nobody migrates between our check and our write
+        found = _identify(conn, path)
+        try:
+            for step in MIGRATIONS[found:]:
+                step(conn)
+        except apsw.Error as exc:  # leaving the `with` rolls every step back
+            raise JournalError(
+                path,
+                f"migrating {path} from schema v{found} to v{SCHEMA_VERSION} failed ({exc}); "
+                f"the journal was left unchanged at v{found}",
+            ) from exc
+        if found == 0:
+            conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?)",
+                [
+                    ("generation", secrets.token_hex(16)),
+                    ("created_ns", str(clock_ns())),
+                    ("last_pos", "0"),
+                ],
+            )
+        if found != SCHEMA_VERSION:
+            conn.pragma("user_version", SCHEMA_VERSION)
+    return found
+
+
+def check_readable(conn: apsw.Connection, path: str) -> int:
+    """Check, without writing, that ``conn`` holds a journal of this code's version."""
+    found = _identify(conn, path)
+    if found == 0:
+        raise NotAJournal(path, "empty database (no journal tables)")
+    if found < SCHEMA_VERSION:
+        raise SchemaTooOld(path, found, SCHEMA_VERSION)
+    return found
+
+
+def open_for_writing(
+    path: str, synchronous: str, clock_ns: Callable[[], int]
+) -> tuple[apsw.Connection, int]:
+    """The writer's connection to the journal at ``path`` (created if missing): migrated to
+    `SCHEMA_VERSION`, in WAL mode with the given ``synchronous``. Returns it and the version
+    the file had (0: created now)."""
+    if synchronous.upper() not in SYNCHRONOUS_MODES:
+        raise ValueError(
+            f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)} (got {synchronous!r})"
+        )
+    try:
+        conn = apsw.Connection(path)
+    except apsw.CantOpenError as exc:
+        raise JournalError(
+            path, f"cannot open or create {path}: {exc} (does its directory exist?)"
+        ) from exc
+    try:
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        # `with conn:` (used by migrate) takes the write lock up front.
+        conn.transaction_mode = "IMMEDIATE"
+        found = migrate(conn, path, clock_ns)
+        mode = conn.pragma("journal_mode", "wal")
+        if mode != "wal":
+            raise JournalError(path, f"cannot switch {path} to WAL (journal_mode is {mode!r})")
+        conn.pragma("synchronous", synchronous.upper())
+        conn.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, found
