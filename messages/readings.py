@@ -138,9 +138,13 @@ class Reading:
         }
 
 
+#: One encoder for all: json.dumps with options builds a new encoder on every call.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
 def encode_values(values: Mapping[str, Value]) -> str:
     """Canonical JSON text of a reading's values (compact, key order kept, no NaN)."""
-    return json.dumps(values, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return _ENCODE(values)
 
 
 def decode_values(text: str | bytes) -> dict[str, Value]:

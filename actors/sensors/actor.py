@@ -23,8 +23,9 @@ from messages.supervision import StopChild
 
 #: How often a sensor wakes up to produce, batch and resend, seconds.
 TICK_S = 0.02
-#: Ack latencies kept for the figures (and the benchmark).
+#: Ack latencies kept for the figures (and the benchmark): the last LATENCY_WINDOW_S seconds.
 LATENCY_SAMPLES = 20000
+LATENCY_WINDOW_S = 10.0
 
 
 class SensorActor(SupervisedActor):
@@ -34,7 +35,7 @@ class SensorActor(SupervisedActor):
         super().__init__(*args, **kwargs)
         self.outbox: SensorOutbox | None = None
         self.stopping: tuple[Any, StopChild, float] | None = None
-        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
 
     def on_init(self) -> None:
         s = self.settings
@@ -89,7 +90,7 @@ class SensorActor(SupervisedActor):
         assert self.outbox is not None
         latency = self.outbox.on_appended(msg)
         if latency is not None:
-            self.latencies.append(latency)
+            self.latencies.append((time.monotonic(), latency))
 
     def receiveMsg_AppendRefused(self, msg: AppendRefused, sender: Any) -> None:
         assert self.outbox is not None
@@ -113,8 +114,10 @@ class SensorActor(SupervisedActor):
         figures = super().figures()
         if self.outbox is not None:
             figures.extend(self.outbox.figures().items())
-        if self.latencies:
-            ordered = sorted(self.latencies)
+        since = time.monotonic() - LATENCY_WINDOW_S
+        recent = [latency for at, latency in self.latencies if at >= since]
+        if recent:
+            ordered = sorted(recent)
             figures.append(("ack_ms_p50", round(ordered[len(ordered) // 2] * 1000, 2)))
             figures.append(("ack_ms_p99", round(ordered[int(len(ordered) * 0.99)] * 1000, 2)))
         return figures

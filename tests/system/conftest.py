@@ -23,3 +23,18 @@ def make_gateway(tmp_path):
     yield make
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_gateway_process_is_left_behind():
+    """After the whole session, no gateway or actor process of these tests may remain."""
+    yield
+    import psutil
+
+    leftovers = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "tools.cli run" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            leftovers.append((proc.info["pid"], cmd[:100]))
+            proc.kill()
+    assert not leftovers, f"gateway processes left running: {leftovers}"

@@ -21,10 +21,16 @@ from tests.system.harness import ROOT, wait_for, walk
 pytestmark = pytest.mark.system
 
 RATES = {"imu0": 100, "gps0": 5, "engine0": 20}
+LOAD = [
+    {"id": "imu0", "kind": "imu", "rate_hz": 1000, "seed": 1},
+    {"id": "imu1", "kind": "imu", "rate_hz": 1000, "seed": 2},
+    {"id": "gps0", "kind": "gps", "rate_hz": 5, "seed": 3, "batch_max_age_s": 0.05},
+    {"id": "engine0", "kind": "engine", "rate_hz": 100, "seed": 4},
+]
 
 
 def test_journal_sigkilled_under_load_loses_and_doubles_nothing(make_gateway):
-    gw = make_gateway().start()
+    gw = make_gateway(sensors=LOAD).start()
     for _ in range(4):
         wait_for(lambda: gw.records() > 50, 30, "the journal to commit under load")
         before = gw.node("journal")
@@ -38,7 +44,8 @@ def test_journal_sigkilled_under_load_loses_and_doubles_nothing(make_gateway):
     assert "SIGKILL" in (journal["last_exit"] or "")
     assert gw.terminate() == 0
     assert seq_is_gapless(gw.journal_path)
-    assert_each_reading_once_and_none_missing(gw.journal_path, RATES)
+    assert_each_reading_once_and_none_missing(
+        gw.journal_path, {s["id"]: s["rate_hz"] for s in LOAD})
     verify = gw.cli("journal", "verify", "--db", gw.journal_path)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
@@ -172,3 +179,59 @@ def test_bad_config_exits_2_naming_file_key_and_problem(tmp_path):
         timeout=60)
     assert result.returncode == 2
     assert f"{path}: sensors[0].rate_hz: must be > 0" in result.stderr
+
+
+def test_disk_budget_reached_sensors_hold_their_data_and_nothing_is_dropped(make_gateway):
+    budget = 1 << 20
+    sensors = [{"id": "imu0", "kind": "imu", "rate_hz": 2000, "seed": 1,
+                "buffer_max_bytes": 200_000}]
+    gw = make_gateway(sensors=sensors, journal={"disk_budget_bytes": budget,
+                                                "refused_retry_s": 0.2}).start()
+    wait_for(lambda: gw.node("journal")["figures"]["refused"] > 0, 60,
+             "the journal to refuse appends at its budget")
+    wait_for(lambda: gw.node("sensor:imu0")["figures"]["held"] > 0, 30,
+             "the sensor to hold its source (back-pressure)")
+    assert gw.node("journal")["figures"]["usage_bytes"] <= budget
+    assert gw.terminate() == 0
+    db = os.path.getsize(gw.journal_path)
+    wal = os.path.getsize(gw.journal_path + "-wal") if os.path.exists(
+        gw.journal_path + "-wal") else 0
+    assert db + wal <= budget
+    # Everything journaled is there once and in an unbroken run: the sensor paused, it did
+    # not skip.
+    assert_each_reading_once_and_none_missing(gw.journal_path, {"imu0": 2000})
+
+
+def test_topology_prints_the_tree_as_text_json_dot_and_watch(make_gateway):
+    gw = make_gateway().start()
+    port = str(gw.port)
+    text = gw.cli("topology", "--admin-port", port)
+    assert text.returncode == 0, text.stderr
+    for name in ("gateway", "journal", "sensors", "sensor:imu0", "sensor:gps0", "sensor:engine0"):
+        assert name in text.stdout
+    tree = gw.tree()
+    assert tree["name"] == "gateway" and tree["cls"] == "Gateway"
+    for node in walk(tree):
+        assert {"name", "cls", "pid", "state", "restarts", "children"} <= node.keys()
+    journal = gw.node("journal")
+    assert {"records", "commits_per_s", "last_commit_age_s"} <= journal["figures"].keys()
+    sensor = gw.node("sensor:imu0")
+    assert {"readings_added", "unacked_batches"} <= sensor["figures"].keys()
+    dot = gw.cli("topology", "--dot", "--admin-port", port)
+    assert dot.stdout.startswith("digraph fleetgw {") and '"sensors" -> "sensor:imu0"' in dot.stdout
+    watch = gw.cli("topology", "--watch", "--count", "2", "--interval", "0.2",
+                   "--admin-port", port)
+    assert watch.returncode == 0 and watch.stdout.count("sensor:gps0") == 2
+    # The inspector never stops what it inspects.
+    assert gw.all_running()
+
+
+def test_topology_without_a_gateway_says_so_and_starts_nothing(tmp_path):
+    from tests.system.harness import free_port
+
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "tools.cli", "topology", "--admin-port",
+                             str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"no gateway is running on admin port {port}" in result.stderr
+    assert not system.admin_listening(port)
