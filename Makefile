@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fleetgw run --config config/demo.toml --data-dir data/demo --duration 60
+	$(BIN)/fleetgw run --config config/demo.toml --duration 60
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,7 +29,7 @@ from messages.gateway import (
     StopGateway,
 )
 from messages.supervision import ActorNode, TopologyReport, TopologyRequest
-from supervisors import system
+from supervisors import reaper, system
 from tools.logs import setup_process_logging, thespian_log_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -160,6 +160,11 @@ class Runner:
                 return EXIT_FAILED
             if time.monotonic() >= next_status:
                 next_status = time.monotonic() + (interval or 1.0)
+                if not reaper.alive(started.admin_pid):
+                    log().error("the actor system's admin (pid %d) died: actor system is not "
+                                "answering; exiting so the service manager restarts the "
+                                "gateway", started.admin_pid)
+                    return EXIT_FAILED
                 report = ask(self.asys, self.gateway, TopologyRequest(next(_ids)),
                              (TopologyReport,), 2.0)
                 if isinstance(report, GatewayFailed):

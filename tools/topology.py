@@ -22,7 +22,7 @@ _ids = itertools.count(1)
 
 #: Figures shown in the text view, per kind of actor (all go to --json).
 TEXT_FIGURES = (
-    "records", "commits_per_s", "last_commit_age_s", "refused",
+    "records", "appended", "commits_per_s", "last_commit_age_s", "refused",
     "readings_added", "acked_readings", "unacked_batches", "unacked_bytes", "held",
     "ack_ms_p99", "children", "strategy",
 )

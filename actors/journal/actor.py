@@ -125,7 +125,8 @@ class JournalWriter(SupervisedActor):
         now = time.monotonic()
         recent = [t for t in self.commit_times if now - t <= 5.0]
         figures: list[tuple[str, Any]] = [
-            ("records", self.records),
+            ("records", self.journal.last_position().value if self.journal else None),
+            ("appended", self.records),
             ("commits", self.commits),
             ("commits_per_s", round(len(recent) / 5.0, 1)),
             ("last_commit_age_s",

@@ -37,7 +37,7 @@ def test_journal_sigkilled_under_load_loses_and_doubles_nothing(make_gateway):
         os.kill(before["pid"], signal.SIGKILL)
         # Journaling resumes: the new incarnation commits (its own record count grows).
         wait_for(lambda b=before: (n := gw.node("journal"))["pid"] not in (None, b["pid"])
-                 and n["state"] == "running" and n["figures"]["records"] > 0, 30,
+                 and n["state"] == "running" and n["figures"]["appended"] > 0, 30,
                  "the journal to be restarted and to commit again")
     journal = gw.node("journal")
     assert journal["restarts"] >= 4
@@ -235,3 +235,27 @@ def test_topology_without_a_gateway_says_so_and_starts_nothing(tmp_path):
     assert result.returncode == 1
     assert f"no gateway is running on admin port {port}" in result.stderr
     assert not system.admin_listening(port)
+
+
+def test_root_giving_up_exits_the_run_process_non_zero_and_leaves_nothing(make_gateway):
+    gw = make_gateway(supervision={"intensity": 2, "period_s": 60, "backoff_initial_s": 0.05,
+                                   "backoff_max_s": 0.1}).start()
+    pgid = gw.pgid()
+    for expected in (1, 2):
+        gw.inject("journal", "exit")
+        wait_for(lambda e=expected: (n := gw.node("journal"))["restarts"] == e
+                 and n["state"] == "running", 30, f"journal restart {expected}")
+    gw.inject("journal", "exit")
+    assert gw.proc.wait(60) == 1
+    assert "gateway gave up" in gw.output()
+    assert system.group_members(pgid) == []
+
+
+def test_actor_system_death_exits_the_run_process_non_zero(make_gateway):
+    gw = make_gateway().start()
+    pgid = gw.pgid()
+    admin_pid = system.read_state(gw.data_dir)["admin_pid"]
+    os.kill(admin_pid, signal.SIGKILL)
+    assert gw.proc.wait(60) == 1
+    assert "actor system is not answering" in gw.output()
+    assert system.group_members(pgid) == []
