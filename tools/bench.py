@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import apsw
 import psutil
 
 from supervisors import system
+from tools.gateway_process import GatewayProcess
 
 RAW_BATCH = 500
 
@@ -99,40 +99,12 @@ def _latencies(port: int) -> tuple[float, float]:
     return sorted(p50s)[len(p50s) // 2], max(p99s)
 
 
-class GatewayProcess:
-    """A `fleetgw run` child process with its own data dir."""
-
-    def __init__(self, workdir: str, name: str, config: str, port: int) -> None:
-        self.data_dir = os.path.join(workdir, name)
-        os.makedirs(self.data_dir)
-        self.config_path = os.path.join(workdir, f"{name}.toml")
-        with open(self.config_path, "w") as fh:
-            fh.write(config)
-        self.port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "run", "--config", self.config_path,
-             "--data-dir", self.data_dir, "--admin-port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-
-    @property
-    def journal(self) -> str:
-        return os.path.join(self.data_dir, "journal.db")
-
-    def pgid(self) -> int | None:
-        return system.read_state(self.data_dir).get("pgid")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        pgid = self.pgid()
-        if pgid:
-            system.kill_group(pgid)
+def start_gateway(workdir: str, name: str, config: str, port: int) -> GatewayProcess:
+    data_dir = os.path.join(workdir, name)
+    config_path = os.path.join(workdir, f"{name}.toml")
+    with open(config_path, "w") as fh:
+        fh.write(config)
+    return GatewayProcess(config_path, data_dir, port).start()
 
 
 def raw_apsw_rate(source_db: str, workdir: str, max_rows: int = 300_000) -> float:
@@ -163,7 +135,7 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
     try:
         # Phase 1: saturate the journal.
         offered = rate or 1_000_000.0
-        gw = GatewayProcess(workdir, "throughput", _config(sensors, offered, port), port)
+        gw = start_gateway(workdir, "throughput", _config(sensors, offered, port), port)
         try:
             _wait_records(port, 5000, 60)
             time.sleep(1.0)  # warm-up: let the queues settle
@@ -174,10 +146,10 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
         finally:
             gw.stop()
         readings_per_s = (n1 - n0) / (t1 - t0)
-        raw = raw_apsw_rate(gw.journal, workdir)
+        raw = raw_apsw_rate(gw.journal_path, workdir)
         # Phase 2: ack latency at half the sustained rate.
         steady = max(10.0, readings_per_s / 2 / sensors)
-        gw2 = GatewayProcess(workdir, "latency", _config(sensors, steady, port + 1), port + 1)
+        gw2 = start_gateway(workdir, "latency", _config(sensors, steady, port + 1), port + 1)
         try:
             _wait_records(port + 1, 1000, 60)
             time.sleep(1.0)  # warm-up; the sensors report latency over their last 10 s

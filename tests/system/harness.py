@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,11 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import psutil
+from tools.gateway_process import ROOT, GatewayProcess
 
-from supervisors import system
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PORT_BASE = 22000 + 100 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 50)
 _next_port = [PORT_BASE]
 
@@ -70,36 +66,28 @@ def config_text(sensors: list[dict], **sections: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class GatewayUnderTest:
-    def __init__(self, tmp_path, sensors: list[dict], **sections: dict) -> None:
-        self.port = free_port()
-        self.data_dir = str(tmp_path / "data")
-        self.config_path = str(tmp_path / "gateway.toml")
-        gateway = {"admin_port": self.port, "status_interval_s": 1, "fault_injection": True}
-        gateway.update(sections.pop("gateway", {}))
-        with open(self.config_path, "w") as fh:
-            fh.write(config_text(sensors, gateway=gateway, **sections))
-        self.proc: subprocess.Popen | None = None
-        self.log_path = str(tmp_path / "run.out")
+class GatewayUnderTest(GatewayProcess):
+    """A gateway run for one test: its config (fault injection on), data dir and a free port,
+    with the inspector and fault injection at hand."""
 
-    @property
-    def journal_path(self) -> str:
-        return os.path.join(self.data_dir, "journal.db")
+    def __init__(self, tmp_path, sensors: list[dict], **sections: dict) -> None:
+        port = free_port()
+        config_path = str(tmp_path / "gateway.toml")
+        gateway = {"admin_port": port, "status_interval_s": 1, "fault_injection": True}
+        gateway.update(sections.pop("gateway", {}))
+        with open(config_path, "w") as fh:
+            fh.write(config_text(sensors, gateway=gateway, **sections))
+        super().__init__(config_path, str(tmp_path / "data"), port, str(tmp_path / "run.out"))
 
     def start(self, wait: bool = True) -> GatewayUnderTest:
-        self._out = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tools.cli", "run", "--config", self.config_path,
-             "--data-dir", self.data_dir],
-            cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT,
-        )
+        super().start()
         if wait:
             wait_for(lambda: self.tree_or_none(), 60, "the gateway to answer the inspector")
             wait_for(self.all_running, 60, "every actor to run")
         return self
 
     def output(self) -> str:
-        with open(self.log_path) as fh:
+        with open(self.output_path) as fh:
             return fh.read()
 
     def gateway_log(self) -> str:
@@ -127,8 +115,7 @@ class GatewayUnderTest:
         return {n["name"]: n for n in walk(self.tree())}
 
     def all_running(self) -> bool:
-        nodes = list(walk(self.tree()))
-        return all(n["state"] == "running" and n["pid"] for n in nodes)
+        return all(n["state"] == "running" and n["pid"] for n in walk(self.tree()))
 
     def node(self, name: str) -> dict:
         return self.nodes()[name]
@@ -140,35 +127,5 @@ class GatewayUnderTest:
         code = f"from tools.faults import inject; inject({self.port}, {target!r}, {kind!r})"
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
-    def pgid(self) -> int | None:
-        return system.read_state(self.data_dir).get("pgid")
-
     def gateway_pids(self) -> list[int]:
-        pids = [self.proc.pid] if self.proc and self.proc.poll() is None else []
-        pgid = self.pgid()
-        if pgid:
-            pids += [p.pid for p in system.group_members(pgid)]
-        return pids
-
-    def terminate(self, timeout_s: float = 90) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
-
-    def stop(self) -> None:
-        """Teardown: whatever state it is in, leave no process behind."""
-        pgid = self.pgid()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for group in {pgid, self.pgid()} - {None}:
-            system.kill_group(group)
-        for pid in system.listener_pids(self.port):
-            with contextlib.suppress(psutil.Error, OSError):
-                system.kill_group(os.getpgid(pid))
-        if hasattr(self, "_out"):
-            self._out.close()
+        return self.pids()
