@@ -49,12 +49,13 @@ def kill(pid: int, started: float | None = None) -> bool:
     if not alive(pid, started):
         return False
     try:
-        victims = psutil.Process(pid).children(recursive=True)
+        proc = psutil.Process(pid)
+        victims = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        victims = []
-    for proc in [psutil.Process(pid), *victims] if victims else [psutil.Process(pid)]:
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            proc.send_signal(signal.SIGKILL)
+        return False
+    for victim in victims:
+        with contextlib.suppress(psutil.Error):
+            victim.send_signal(signal.SIGKILL)
     return True
 
 

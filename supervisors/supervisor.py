@@ -165,9 +165,8 @@ class Supervisor(SupervisedActor):
         assert self.spec is not None
         now = time.monotonic()
         for rec in self.records:
-            if rec.address is None or rec.state not in ("starting", "running", "stopping"):
-                continue
-            self.check_child(rec, now)
+            if rec.address is not None:
+                self.check_child(rec, now)
         self.check_stop_deadline(now)
         self.start_timer("heartbeat", self.spec.flags.heartbeat_interval_s)
 
@@ -178,6 +177,8 @@ class Supervisor(SupervisedActor):
                 log().warning("supervisor %s: no exit notice for %s; handling exit from its pid",
                               self.name, rec.spec.name)
                 self.child_exited(rec)
+            return
+        if rec.state not in ("starting", "running", "stopping"):
             return
         if rec.pid is not None and not reaper.alive(rec.pid, rec.pid_create_time):
             rec.killed_at = now  # dead without a notice yet: give the notice a grace period
