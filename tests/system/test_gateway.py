@@ -259,3 +259,27 @@ def test_actor_system_death_exits_the_run_process_non_zero(make_gateway):
     assert gw.proc.wait(60) == 1
     assert "actor system is not answering" in gw.output()
     assert system.group_members(pgid) == []
+
+
+def test_sigkilled_sensors_supervisor_is_restarted_and_its_orphans_reaped(make_gateway):
+    gw = make_gateway().start()
+    nodes = gw.nodes()
+    old_sensor_pids = [nodes[f"sensor:{s}"]["pid"] for s in ("imu0", "gps0", "engine0")]
+    os.kill(nodes["sensors"]["pid"], signal.SIGKILL)
+    wait_for(lambda: gw.node("sensors")["restarts"] == 1 and gw.all_running(), 30,
+             "the sensors supervisor and its children to run again")
+    wait_for(lambda: all(not psutil.pid_exists(p) or psutil.Process(p).status() == "zombie"
+                         for p in old_sensor_pids), 30, "the orphaned sensors to be reaped")
+    # Exactly one live instance of each sensor: nothing journals twice.
+    sensor_pids = [n["pid"] for n in walk(gw.tree()) if n["name"].startswith("sensor:")]
+    assert len(sensor_pids) == 3 and set(sensor_pids).isdisjoint(old_sensor_pids)
+    assert gw.terminate() == 0
+    assert seq_is_gapless(gw.journal_path)
+
+
+def test_sigkilled_root_exits_the_run_process_non_zero_and_leaves_nothing(make_gateway):
+    gw = make_gateway().start()
+    pgid = gw.pgid()
+    os.kill(gw.tree()["pid"], signal.SIGKILL)
+    assert gw.proc.wait(90) == 1
+    assert system.group_members(pgid) == []
