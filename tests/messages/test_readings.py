@@ -97,3 +97,10 @@ def test_any_valid_values_survive_the_batch_encoding(vals):
 def test_arbitrary_external_input_is_accepted_or_refused_never_crashes(data):
     with contextlib.suppress(MessageValidationError):
         Reading.from_external(data)
+
+
+def test_trusted_reading_equals_a_validated_one_and_passes_validation():
+    args = ("veh-001", "imu0", TS, "imu", {"ax": 0.5})
+    trusted = Reading.trusted(*args)
+    assert trusted == Reading(*args)
+    attrs.validate(trusted)
