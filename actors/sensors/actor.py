@@ -126,8 +126,10 @@ class SensorActor(SupervisedActor):
 class SimSensor(SensorActor):
     """A simulated vehicle sensor (imu, gps or engine) at a configured rate."""
 
-    #: Readings pulled from the source per tick at most (keeps a tick short).
-    MAX_PER_TICK = 20000
+    #: Readings pulled from the source per tick at most: keeps a tick short, so acks and
+    #: heartbeats are handled promptly even when the source is far ahead (a backlog after
+    #: back-pressure, or a rate above what the journal takes).
+    MAX_PER_TICK = 5000
 
     def open_source(self) -> None:
         s = self.settings
@@ -138,8 +140,10 @@ class SimSensor(SensorActor):
     def produce(self) -> None:
         assert self.outbox is not None
         now = time.time_ns()
-        while self.outbox.has_room():
-            readings = self.source.due(now, min(self.MAX_PER_TICK, self.settings.batch_max_readings))
+        produced = 0
+        while self.outbox.has_room() and produced < self.MAX_PER_TICK:
+            readings = self.source.due(now, self.settings.batch_max_readings)
             if not readings:
                 break
             self.outbox.add(readings)
+            produced += len(readings)
