@@ -17,7 +17,7 @@ from supervisors.policy import Backoff
 from supervisors.spec import ChildSpec, SupervisorFlags
 
 
-@attrs.define
+@attrs.define(eq=False)
 class ChildRecord:
     """Live state of one child. ``incarnation`` counts starts, so a late exit notice of an
     earlier incarnation is recognised and ignored."""

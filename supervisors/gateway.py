@@ -136,6 +136,12 @@ class Gateway(Supervisor):
         requester, msg = self.stop_request
         self.send(requester, GatewayStopped(msg.request_id, clean))
 
+    def child_exited(self, rec: Any) -> None:
+        if self.failed:  # gave up already: the run process is tearing everything down
+            rec.exited(rec.kill_reason or "stopped: the gateway gave up")
+            return
+        super().child_exited(rec)
+
     def on_escalate(self, reason: str) -> None:
         # The top escalates to the OS: the run process exits non-zero (systemd restarts it).
         self.failed = reason

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 from collections.abc import Iterable, Iterator
@@ -22,12 +23,21 @@ from messages.supervision import ActorNode
 
 
 def create_time(pid: int | None) -> float | None:
+    """A process's start identity: its start time in clock ticks since boot (``/proc/PID/stat``
+    field 22). Unlike a wall-clock start time it does not move when the clock is stepped (an
+    offline Pi's clock jumps at its first NTP sync), so it is compared exactly."""
     if pid is None:
         return None
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+        return float(stat[stat.rindex(b")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        try:
+            return psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
 
 
 def alive(pid: int | None, started: float | None = None) -> bool:
@@ -35,12 +45,11 @@ def alive(pid: int | None, started: float | None = None) -> bool:
     if pid is None:
         return False
     try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
             return False
-        return started is None or abs(proc.create_time() - started) < 0.01
     except psutil.Error:
         return False
+    return started is None or create_time(pid) == started
 
 
 def kill(pid: int, started: float | None = None) -> bool:
@@ -91,11 +100,19 @@ def record_children(data_dir: str, name: str, records: Iterable[Any]) -> None:
             if node.pid:
                 entries.append([node.name, node.pid, create_time(node.pid)])
     path = _file(data_dir, name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"supervisor_pid": os.getpid(), "children": entries}, fh)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as fh:
+            json.dump({"supervisor_pid": os.getpid(), "children": entries}, fh)
+        os.replace(tmp, path)
+    except OSError as exc:
+        # Best effort: a full disk must not take the supervisor down with it (the journal
+        # refuses appends cleanly then). Reaping after a crash may miss these children.
+        logging.getLogger("fleetgw").warning(
+            "supervisor %s could not record its children's pids in %s: %s", name, path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def reap_predecessor(data_dir: str, name: str) -> list[tuple[str, int]]:

@@ -80,6 +80,7 @@ class Supervisor(SupervisedActor):
         self.stop_request: tuple[Any, StopChild] | None = None
         self.stop_deadline: float | None = None
         self.group_pending: list[ChildRecord] = []
+        self.group_delay = 0.0
 
     # ------------------------------------------------------------------------- start-up
     def on_init(self) -> None:
@@ -106,6 +107,7 @@ class Supervisor(SupervisedActor):
         # Know the pid from the start, so a child that hangs before ChildReady can be killed.
         rec.pid = reaper.pid_of_new_child(self, address)
         rec.pid_create_time = reaper.create_time(rec.pid)
+        reaper.record_children(self.data_dir, self.name, self.records)
         self.send(
             address,
             ChildInit(
@@ -172,8 +174,10 @@ class Supervisor(SupervisedActor):
 
     def check_child(self, rec: ChildRecord, now: float) -> None:
         if rec.killed_at is not None:
-            # We killed it; if Thespian's notice does not come, act on the dead pid ourselves.
-            if now - rec.killed_at > EXIT_NOTICE_GRACE_S and not reaper.alive(rec.pid):
+            # We killed it; if Thespian's notice does not come, act on the dead pid ourselves
+            # (without a pid we cannot tell it is gone: wait for the notice).
+            if (rec.pid is not None and now - rec.killed_at > EXIT_NOTICE_GRACE_S
+                    and not reaper.alive(rec.pid)):
                 log().warning("supervisor %s: no exit notice for %s; handling exit from its pid",
                               self.name, rec.spec.name)
                 self.child_exited(rec)
@@ -249,9 +253,12 @@ class Supervisor(SupervisedActor):
         rec.exited(reason)
         level = logging.INFO if rec.normal_exit_announced else logging.WARNING
         log().log(level, "supervisor %s: child %s exited (%s)", self.name, name, reason)
-        if self.stop_queue is not None:
+        if self.stop_queue is not None and (was_running == "stopping"
+                                            or rec not in self.stop_queue):
             self.continue_stop()
             return
+        # (During an orderly stop, a child not yet asked to stop — e.g. the journal while the
+        # sensors drain into it — is restarted as usual.)
         if rec in self.group_pending:
             self.group_member_down(rec)
             return
@@ -269,7 +276,7 @@ class Supervisor(SupervisedActor):
         rec.restarts += 1
         delay = rec.backoff.delay(started_at, now)
         group = self.restart_group(rec)
-        if len(group) == 1:
+        if len(group) == 1 and not self.group_pending:
             self.schedule_restart([rec], delay)
         else:
             self.stop_group(group, delay)
@@ -284,9 +291,11 @@ class Supervisor(SupervisedActor):
         return [r for r in members if r is failed or r.address is not None]
 
     def stop_group(self, group: list[ChildRecord], delay: float) -> None:
-        """rest_for_one / one_for_all: stop the failed child's group, then restart it."""
-        self.group_pending = group
-        self.group_delay = delay
+        """rest_for_one / one_for_all: stop the failed child's group, then restart it. A
+        failure while an earlier group is still going down joins that group."""
+        members = set(map(id, group)) | set(map(id, self.group_pending))
+        self.group_pending = [r for r in self.records if id(r) in members]
+        self.group_delay = max(delay, self.group_delay)
         for rec in reversed(group):
             if rec.address is not None:
                 rec.state = "restarting"
@@ -297,7 +306,8 @@ class Supervisor(SupervisedActor):
         if any(r.address is not None for r in self.group_pending):
             return
         group, self.group_pending = self.group_pending, []
-        self.schedule_restart(group, self.group_delay)
+        delay, self.group_delay = self.group_delay, 0.0
+        self.schedule_restart(group, delay)
 
     def schedule_restart(self, group: list[ChildRecord], delay: float) -> None:
         for rec in group:
@@ -311,13 +321,14 @@ class Supervisor(SupervisedActor):
             self.restart(names, incarnations)
 
     def on_wakeup(self, payload: tuple) -> None:
-        if payload[0] == "restart" and self.stop_queue is None:
+        if payload[0] == "restart":
             self.restart(payload[1], payload[2])
 
     def restart(self, names: tuple[str, ...], incarnations: tuple[int, ...]) -> None:
         for name, incarnation in zip(names, incarnations, strict=True):
             rec = self.record_named(name)
-            if rec.incarnation == incarnation and rec.address is None:
+            stopped = self.stop_queue is not None and rec not in self.stop_queue
+            if rec.incarnation == incarnation and rec.address is None and not stopped:
                 self.start_child(rec)
 
     def escalate(self, reason: str) -> None:
@@ -335,6 +346,14 @@ class Supervisor(SupervisedActor):
         import os
 
         os._exit(EXIT_ESCALATE)
+
+    def _crash(self, trace: str) -> None:
+        # A supervisor that crashes takes its children with it (OTP: they are linked), so its
+        # successor never finds two of anything.
+        for rec in self.records:
+            if rec.address is not None:
+                self.kill_child(rec, "supervisor crashed")
+        super()._crash(trace)
 
     # ------------------------------------------------------------------- orderly stop
     def on_stop(self, msg: StopChild, sender: Any) -> None:

@@ -51,13 +51,15 @@ def listener_pids(port: int) -> list[int]:
 def group_members(pgid: int) -> list[psutil.Process]:
     members = []
     for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
+        # A process may exit between the listing and these calls: skip it.
+        with contextlib.suppress(psutil.Error, OSError):
             if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 members.append(proc)
     return members
 
 
 def _is_ours(proc: psutil.Process) -> bool:
+    """A fleetgw process: actors are forked from the run process and keep its command line."""
     with contextlib.suppress(psutil.Error):
         cmd = " ".join(proc.cmdline())
         return any(mark in cmd for mark in ("fleetgw", "tools.cli", "thespian", "pytest"))
@@ -65,16 +67,90 @@ def _is_ours(proc: psutil.Process) -> bool:
 
 
 def kill_group(pgid: int, timeout_s: float = 10.0) -> int:
-    """SIGKILL a process group and wait until it is gone; returns how many were alive."""
-    members = group_members(pgid)
-    if not members:
+    """SIGKILL the fleetgw processes of a process group and wait until they are gone; returns
+    how many there were. Processes of the group that are not fleetgw's are left alone (a
+    recorded group id may have been reused)."""
+    if pgid == os.getpgid(0):
         return 0
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+    members = [p for p in group_members(pgid) if _is_ours(p)]
+    for proc in members:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
-    while group_members(pgid) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        if not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                   for p in members if _safe(p)):
+            break
         time.sleep(0.05)
     return len(members)
+
+
+def _safe(proc: psutil.Process) -> bool:
+    try:
+        proc.status()
+        return True
+    except psutil.Error:
+        return False
+
+
+def boot_id() -> str:
+    """This boot's id: process ids and groups recorded in another boot mean nothing now."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+class RunLocks:
+    """Exclusive locks a run holds for its whole life: one on its data dir (two gateways on one
+    journal would be two writers, I3) and one on its admin port. flock locks die with the run
+    process; forked actor processes close their copies at once (os.register_at_fork), so an
+    orphaned actor system never keeps a dead run's locks."""
+
+    _fds: list[int] = []
+    _hooked = False
+
+    @classmethod
+    def acquire(cls, data_dir: str, admin_port: int) -> None:
+        import tempfile
+
+        run_dir = os.path.join(data_dir, "run")
+        os.makedirs(run_dir, exist_ok=True)
+        cls._take(os.path.join(run_dir, "gateway.lock"),
+                  f"another gateway is running on data dir {data_dir}")
+        cls._take(os.path.join(tempfile.gettempdir(), f"fleetgw-admin-{admin_port}.lock"),
+                  f"admin port {admin_port} is used by a running gateway; choose another "
+                  "--admin-port")
+        if not cls._hooked:
+            os.register_at_fork(after_in_child=cls._close_in_child)
+            cls._hooked = True
+
+    @classmethod
+    def _take(cls, path: str, busy: str) -> None:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise StaleSystemError(f"{busy} ({holder or 'unknown holder'})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        cls._fds.append(fd)
+
+    @classmethod
+    def _close_in_child(cls) -> None:
+        for fd in cls._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        cls._fds = []
+
+    @classmethod
+    def release(cls) -> None:
+        cls._close_in_child()
 
 
 def state_file(data_dir: str) -> str:
@@ -103,42 +179,31 @@ def clear_state(data_dir: str) -> None:
 
 
 def cleanup_stale(data_dir: str, admin_port: int) -> list[str]:
-    """Remove what an earlier run on this data dir or admin port left behind.
+    """Take the run's locks, then remove what an earlier run on this data dir or admin port
+    left behind (after a SIGKILL or a power cut).
 
-    Raises StaleSystemError when a live gateway still runs on this data dir, or when the admin
-    port belongs to a process that is not a fleetgw gateway.
+    Raises StaleSystemError when a live gateway runs on this data dir or admin port, or when
+    the admin port belongs to a process that is not a fleetgw gateway.
     """
+    RunLocks.acquire(data_dir, admin_port)
     actions: list[str] = []
     state = read_state(data_dir)
-    run_pid = state.get("run_pid")
-    if run_pid and run_pid != os.getpid() and psutil.pid_exists(run_pid):
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(run_pid)
-            if (abs(proc.create_time() - state.get("run_started", 0)) < 1.0
-                    and proc.status() != psutil.STATUS_ZOMBIE):
-                raise StaleSystemError(
-                    f"another gateway (pid {run_pid}) is running on data dir {data_dir}; "
-                    "stop it first (kill -TERM {run_pid})"
-                )
     pgid = state.get("pgid")
-    if pgid:
+    if pgid and state.get("boot_id") == boot_id():
         n = kill_group(pgid)
         if n:
             actions.append(f"killed {n} leftover actor process(es) of process group {pgid}")
     if admin_listening(admin_port):
+        # We hold the port's lock, so no live run owns whatever listens there.
         for pid in listener_pids(admin_port):
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(psutil.Error, OSError):
                 proc = psutil.Process(pid)
                 if not _is_ours(proc):
                     raise StaleSystemError(
                         f"admin port {admin_port} is in use by pid {pid} "
                         f"({' '.join(proc.cmdline())[:80]}); choose another --admin-port"
                     )
-                group = os.getpgid(pid)
-                if group == os.getpgid(0):
-                    raise StaleSystemError(
-                        f"admin port {admin_port} is held by a process of our own group")
-                n = kill_group(group)
+                n = kill_group(os.getpgid(pid))
                 actions.append(f"killed {n} process(es) of a stale actor system on port "
                                f"{admin_port}")
     with contextlib.suppress(OSError):

@@ -14,6 +14,8 @@ import json
 import sys
 from datetime import UTC, datetime
 
+import apsw
+
 from actors.journal import JournalError, open_readonly
 from actors.journal.reader import JournalStats
 
@@ -80,6 +82,10 @@ def stats_command(db: str, as_json: bool) -> int:
     except JournalError as exc:
         print(f"fleetgw journal stats: {exc}", file=sys.stderr)
         return EXIT_NO_JOURNAL
+    except apsw.Error as exc:  # a damaged file: say so instead of a traceback
+        print(f"fleetgw journal stats: {db} cannot be read: {exc}; run "
+              f"`fleetgw journal verify --db {db}`", file=sys.stderr)
+        return EXIT_PROBLEMS
     if as_json:
         print(json.dumps(stats.to_json(), separators=(",", ":")))
     else:
@@ -96,6 +102,9 @@ def verify_command(db: str) -> int:
     except JournalError as exc:
         print(f"fleetgw journal verify: {exc}", file=sys.stderr)
         return EXIT_NO_JOURNAL
+    except apsw.Error as exc:  # damaged beyond what the checks can read
+        print(f"FAILED: {db}: the journal cannot be read: {exc}")
+        return EXIT_PROBLEMS
     if report.ok:
         print(
             f"ok: {db}: integrity ok; I2 holds for {report.devices_checked} devices "

@@ -107,25 +107,31 @@ class Runner:
         self.asys: Any = None
         self.gateway: Any = None
         self.pgid: int | None = None
+        self.admin_pid: int | None = None
         self.last_tree: ActorNode | None = None
 
     def request_stop(self, signum: int, _frame: Any) -> None:
         self.stop_reason = signal.Signals(signum).name
 
     def run(self) -> int:
-        os.makedirs(self.data_dir, exist_ok=True)
         for action in system.cleanup_stale(self.data_dir, self.admin_port):
             log().warning("cleanup: %s", action)
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
         log_file = os.path.join(self.data_dir, "gateway.log")
-        self.asys = system.start_actor_system(
-            self.admin_port, thespian_log_config(log_file, self.config.gateway.log_level)
-        )
         try:
+            self.asys = system.start_actor_system(
+                self.admin_port, thespian_log_config(log_file, self.config.gateway.log_level)
+            )
+            # Installed after the Admin was forked, so it keeps the default handlers and a
+            # service manager's SIGTERM still ends it.
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
             return self.supervise()
+        except KeyboardInterrupt:  # Ctrl-C while the actor system was still starting
+            self.stop_reason = "SIGINT"
+            return EXIT_OK
         finally:
             self.teardown()
+            system.RunLocks.release()
 
     def supervise(self) -> int:
         from supervisors.gateway import GLOBAL_NAME, Gateway
@@ -138,10 +144,14 @@ class Runner:
             log().error("gateway did not start: %s", started)
             return EXIT_FAILED
         self.pgid = started.pgid
-        system.write_state(self.data_dir, run_pid=os.getpid(),
-                           run_started=psutil.Process().create_time(),
-                           pgid=started.pgid, admin_pid=started.admin_pid,
-                           admin_port=self.admin_port)
+        try:
+            system.write_state(self.data_dir, run_pid=os.getpid(), boot_id=system.boot_id(),
+                               pgid=started.pgid, admin_pid=started.admin_pid,
+                               admin_port=self.admin_port)
+        except OSError as exc:  # e.g. a full disk: run anyway, the next run cleans up less
+            log().warning("could not record the actor system in %s: %s",
+                          system.state_file(self.data_dir), exc)
+        self.admin_pid = started.admin_pid
         log().info("gateway started: config=%s data_dir=%s admin_port=%d pgid=%d",
                    self.config_path, self.data_dir, self.admin_port, started.pgid)
         print(f"fleetgw: gateway running (config {self.config_path}, data dir {self.data_dir}, "
@@ -189,15 +199,24 @@ class Runner:
         report = ask(self.asys, self.gateway, TopologyRequest(next(_ids)), (TopologyReport,), 2.0)
         if isinstance(report, TopologyReport):
             self.last_tree = report.root
-        timeout = self.config.gateway.stop_timeout_s
+        timeout = self.stop_timeout_s()
         stopped = ask(self.asys, self.gateway, StopGateway(next(_ids), timeout),
-                      (GatewayStopped,), timeout * 3)
+                      (GatewayStopped,), timeout)
         if not isinstance(stopped, GatewayStopped):
             log().error("orderly stop did not finish in time; tearing down")
             return EXIT_FAILED
         if not stopped.clean:
             log().warning("orderly stop was not clean: %s", stopped.detail)
         return EXIT_OK
+
+    def stop_timeout_s(self) -> float:
+        """How long the orderly stop may take: what the tree's shutdown timeouts add up to
+        (children stop one after another), at least [gateway] stop_timeout_s."""
+        from supervisors.tree import gateway_tree
+
+        tree = gateway_tree(self.config)
+        return max(self.config.gateway.stop_timeout_s,
+                   sum(c.shutdown_timeout_s for c in tree.children) + 5.0)
 
     def teardown(self) -> None:
         if self.pgid is None:
@@ -206,7 +225,7 @@ class Runner:
                 with contextlib.suppress(psutil.Error, OSError):
                     if os.getpgid(pid) != os.getpgid(0):
                         self.pgid = os.getpgid(pid)
-        if self.asys is not None:
+        if self.asys is not None and (self.admin_pid is None or reaper.alive(self.admin_pid)):
             try:
                 self.asys.shutdown()
             except Exception as exc:  # the system may already be dead
@@ -250,7 +269,25 @@ def run_command(config_path: str, data_dir: str | None, admin_port: int | None,
     except ConfigError as exc:
         print(f"fleetgw run: bad config\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    from supervisors.spec import validate
+    from supervisors.tree import gateway_tree
+
+    problems = validate(gateway_tree(config))
+    if problems:
+        print("fleetgw run: bad config\n" + "\n".join(f"{config_path}: {p}" for p in problems),
+              file=sys.stderr)
+        return EXIT_USAGE
     data_dir = data_dir or "data"
+    try:
+        os.makedirs(os.path.join(data_dir, "run"), exist_ok=True)
+        probe = os.path.join(data_dir, "run", ".writable")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        print(f"fleetgw run: data dir {data_dir} is not usable: {exc.strerror} "
+              f"({exc.filename}); check --data-dir", file=sys.stderr)
+        return EXIT_USAGE
     port = admin_port or config.gateway.admin_port
     runner = Runner(config, config_path, data_dir, port, duration_s)
     try:

@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from actors.base import SupervisedActor, log
-from actors.sensors.outbox import SensorOutbox
+from actors.sensors.outbox import NEVER_RETRY, SensorOutbox
 from actors.sensors.sim import SimulatedSource
 from messages.journal import Appended, AppendRefused
 from messages.supervision import StopChild
@@ -35,6 +35,7 @@ class SensorActor(SupervisedActor):
         super().__init__(*args, **kwargs)
         self.outbox: SensorOutbox | None = None
         self.stopping: tuple[Any, StopChild, float] | None = None
+        self.stopped = False
         self.latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
 
     def on_init(self) -> None:
@@ -64,6 +65,8 @@ class SensorActor(SupervisedActor):
     # ---- the loop -----------------------------------------------------------------------
     def on_timer_tick(self) -> None:
         assert self.outbox is not None
+        if self.stopped:
+            return  # answered StopChild: produce and send nothing more
         if self.stopping is None:
             self.produce()
         else:
@@ -75,6 +78,7 @@ class SensorActor(SupervisedActor):
                 self.reply_stopped(requester, msg, clean=self.outbox.idle(),
                                    detail="" if self.outbox.idle() else "unacknowledged batches")
                 self.stopping = None
+                self.stopped = True
                 return
         self.start_timer("tick", TICK_S)
 
@@ -94,7 +98,10 @@ class SensorActor(SupervisedActor):
 
     def receiveMsg_AppendRefused(self, msg: AppendRefused, sender: Any) -> None:
         assert self.outbox is not None
-        if self.outbox.figures().get("refused", 0) % 100 == 0:
+        if msg.reason in NEVER_RETRY:
+            log().error("sensor %s: journal rejected batch %d for good (%s: %s); dropped",
+                        self.name, msg.batch_id.batch_no, msg.reason, msg.detail)
+        elif self.outbox.figures()["refused"] % 100 == 0:
             log().warning("sensor %s: journal refused a batch (%s: %s); holding data",
                           self.name, msg.reason, msg.detail)
         self.outbox.on_refused(msg)

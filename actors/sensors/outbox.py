@@ -42,6 +42,10 @@ class _Held:
         self.due_at = 0.0
 
 
+#: Refusal reasons that no retry can cure: the batch is dropped and counted, not resent.
+NEVER_RETRY = frozenset({"invalid"})
+
+
 class SensorOutbox:
     """Batches, sends, resends and acknowledgement bookkeeping of one sensor incarnation.
 
@@ -215,6 +219,19 @@ class SensorOutbox:
         held = self._find(msg.batch_id)
         if held is None:
             return  # already acknowledged (an earlier send got through): nothing to retry
+        if msg.reason in NEVER_RETRY:
+            # The journal will never take this batch: retrying would block the sensor's good
+            # data forever (I8). It was never acknowledged to the source, so dropping it loses
+            # nothing acknowledged; it is counted (and the actor logs it).
+            del self._out[msg.batch_id.batch_no]
+            if held.state == REFUSED:
+                self._refused_waiting -= 1
+            self._unacked_bytes -= held.nbytes
+            self._counts["refused"] += 1
+            self._counts["rejected_readings"] += len(held.batch)
+            self._refused_by_reason[msg.reason] += 1
+            self._update_pressure()
+            return
         if held.state != REFUSED:
             self._refused_waiting += 1
             held.state = REFUSED
@@ -261,6 +278,7 @@ class SensorOutbox:
             "ignored_acks": c["ignored_acks"],
             "journal_restarts": c["journal_restarts"],
             "held": c["held"],
+            "rejected_readings": c["rejected_readings"],
             "unacked_batches": len(self._queued) + len(self._out),
             "unacked_bytes": self._unacked_bytes,
             "in_flight": len(self._out),

@@ -235,6 +235,20 @@ def test_no_new_batch_is_sent_while_a_refused_one_waits(clock):
     assert numbers(box.due_sends()) == [1, 2, 3, 4]
 
 
+def test_batch_the_journal_calls_invalid_is_dropped_and_counted_not_retried(clock):
+    box, src = make(clock), Readings()
+    box.add(src.take(20))
+    first, second = box.due_sends()
+    box.on_refused(refused(first, retry_after_s=0.0, reason="invalid"))
+    f = box.figures()
+    assert (f["refused_invalid"], f["rejected_readings"], f["unacked_batches"]) == (1, 10, 1)
+    clock.advance(10.0)
+    # Never resent; the good batch behind it is resent as usual and nothing blocks new data.
+    assert numbers(box.due_sends()) == [2]
+    box.on_appended(appended(second))
+    assert box.idle()
+
+
 def test_late_ack_of_a_refused_batch_settles_it(clock):
     box, src = make(clock), Readings()
     box.add(src.take(10))

@@ -283,3 +283,35 @@ def test_sigkilled_root_exits_the_run_process_non_zero_and_leaves_nothing(make_g
     os.kill(gw.tree()["pid"], signal.SIGKILL)
     assert gw.proc.wait(90) == 1
     assert system.group_members(pgid) == []
+
+
+def test_second_gateway_on_the_same_data_dir_or_port_is_refused_and_the_first_unharmed(
+        make_gateway, tmp_path):
+    first = make_gateway().start()
+    same_dir = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "run", "--config", first.config_path,
+         "--data-dir", first.data_dir, "--admin-port", str(first.port + 50)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert same_dir.returncode == 2
+    assert f"another gateway is running on data dir {first.data_dir}" in same_dir.stderr
+    same_port = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "run", "--config", first.config_path,
+         "--data-dir", str(tmp_path / "other"), "--admin-port", str(first.port)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert same_port.returncode == 2
+    assert f"admin port {first.port} is used by a running gateway" in same_port.stderr
+    floor = first.records()
+    wait_for(lambda: first.records() > floor, 30, "the first gateway to go on journaling")
+    assert first.all_running() and first.proc.poll() is None
+
+
+def test_inconsistent_supervision_settings_exit_2_before_anything_starts(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[supervision]\nheartbeat_interval_s = 6\nheartbeat_timeout_s = 5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.cli", "run", "--config", str(path),
+         "--data-dir", str(tmp_path / "d"), "--admin-port", "22999"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "heartbeat_timeout_s" in result.stderr and str(path) in result.stderr
+    assert not system.admin_listening(22999)
