@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify = jsub.add_parser("verify", help="integrity check and seq continuity (I2)")
     verify.add_argument("--db", required=True, help="path to journal.db")
 
+    policy = sub.add_parser("policy", help="check a routing policy file")
+    psub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    pcheck = psub.add_parser("check", help="validate a policy; --explain shows how a record "
+                                           "is routed")
+    pcheck.add_argument("file", help="policy TOML (see config/policy.example.toml)")
+    pcheck.add_argument("--explain", metavar="RECORD_JSON", default=None,
+                        help='a reading as JSON: {"device_id", "sensor_id", "ts", "kind", '
+                             '"values"}')
+
     bench = sub.add_parser("bench", help="benchmarks that print figures beside references")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bj = bsub.add_parser("journal", help="durable journaling through the actors vs raw apsw")
@@ -96,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.journal_command == "stats":
             return stats_command(args.db, args.json)
         return verify_command(args.db)
+    if args.command == "policy":
+        from tools.policy_cmd import check_command
+
+        return check_command(args.file, args.explain)
     if args.command == "bench":
         from tools.bench import bench_journal_command
 
