@@ -266,6 +266,8 @@ class Supervisor(SupervisedActor):
             return
         if not should_restart(rec.spec.restart, rec.normal_exit_announced):
             rec.state = "dead"
+            if all(r.ready or r.state == "dead" for r in self.records):
+                self.all_ready()  # a child that will not come back no longer holds us up
             return
         now = time.monotonic()
         assert self.intensity is not None

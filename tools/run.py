@@ -33,6 +33,8 @@ from supervisors import reaper, system
 from tools.logs import setup_process_logging, thespian_log_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Seconds the whole tree may take to answer ChildReady at start-up.
+START_TIMEOUT_S = 60.0
 #: Consecutive unanswered status queries before the actor system counts as dead.
 MAX_MISSED_STATUS = 3
 
@@ -43,18 +45,20 @@ def log() -> logging.Logger:
     return logging.getLogger("fleetgw.run")
 
 
-def ask(asys: Any, address: Any, message: Any, reply_types: tuple, timeout_s: float) -> Any:
+def ask(asys: Any, address: Any, message: Any, reply_types: tuple, timeout_s: float,
+        abort: Any = None) -> Any:
     """Send and wait for a reply of ``reply_types`` with the same request_id (Thespian's ask
-    returns whatever arrives next; after a timeout replies would shift by one)."""
+    returns whatever arrives next; after a timeout replies would shift by one). ``abort()``
+    true ends the wait early (a stop requested meanwhile)."""
     deadline = time.monotonic() + timeout_s
     asys.tell(address, message)
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or (abort is not None and abort()):
             return None
-        reply = asys.listen(remaining)
+        reply = asys.listen(min(remaining, 0.5))
         if reply is None:
-            return None
+            continue
         if isinstance(reply, GatewayFailed):
             return reply
         if isinstance(reply, reply_types) and getattr(reply, "request_id", None) == getattr(
@@ -139,9 +143,16 @@ class Runner:
         self.gateway = self.asys.createActor(Gateway, globalName=GLOBAL_NAME)
         started = ask(self.asys, self.gateway,
                       StartGateway(next(_ids), self.config, self.data_dir),
-                      (GatewayStarted,), 60.0)
+                      (GatewayStarted,), START_TIMEOUT_S, abort=lambda: self.stop_reason)
+        if self.stop_reason is not None and not isinstance(started, GatewayStarted):
+            log().info("stopped while starting: %s", self.stop_reason)
+            return EXIT_OK
+        if isinstance(started, GatewayFailed):
+            log().error("gateway gave up while starting: %s", started.reason)
+            return EXIT_FAILED
         if not isinstance(started, GatewayStarted):
-            log().error("gateway did not start: %s", started)
+            log().error("gateway did not start within %.0fs (see %s)", START_TIMEOUT_S,
+                        os.path.join(self.data_dir, "gateway.log"))
             return EXIT_FAILED
         self.pgid = started.pgid
         try:

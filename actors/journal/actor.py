@@ -17,6 +17,7 @@ import apsw
 
 from actors.base import SupervisedActor, log
 from actors.journal.journal import Journal
+from actors.journal.schema import JournalError
 from messages.journal import (
     AdvanceWatermark,
     Append,
@@ -39,6 +40,22 @@ def journal_path(data_dir: str) -> str:
     return os.path.join(data_dir, "journal.db")
 
 
+def take_writer_lock(db_path: str) -> int:
+    """An exclusive flock next to the journal, held for this writer's life: a second writer
+    (I3) fails to start instead of writing. The kernel drops it when the process dies."""
+    import fcntl
+
+    fd = os.open(f"{db_path}.writer-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise JournalError(
+            db_path, f"another journal writer holds {db_path}: refusing to be a second writer "
+            "(I3)") from None
+    return fd
+
+
 class JournalWriter(SupervisedActor):
     """Turns journal messages into `Journal` calls; replies only after the commit."""
 
@@ -54,6 +71,11 @@ class JournalWriter(SupervisedActor):
 
     def on_init(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
+        if self.settings.synchronous != "FULL":
+            log().warning("journal synchronous=%s: a power cut may lose commits already "
+                          "acknowledged (I1 holds across process crashes only)",
+                          self.settings.synchronous)
+        self.writer_lock = take_writer_lock(journal_path(self.data_dir))
         self.journal = Journal(
             journal_path(self.data_dir),
             synchronous=self.settings.synchronous,
@@ -149,3 +171,6 @@ class JournalWriter(SupervisedActor):
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        if getattr(self, "writer_lock", None) is not None:
+            os.close(self.writer_lock)
+            self.writer_lock = None

@@ -25,3 +25,19 @@ def test_verify_and_stats_of_a_damaged_journal_report_it_without_a_traceback(tmp
     assert stats_command(path, as_json=True) in (0, 1)
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
+
+
+def test_a_second_journal_writer_is_refused(tmp_path):
+    import pytest
+
+    from actors.journal.actor import take_writer_lock
+    from actors.journal.schema import JournalError
+
+    path = str(tmp_path / "journal.db")
+    first = take_writer_lock(path)
+    try:
+        with pytest.raises(JournalError, match="second writer"):
+            take_writer_lock(path)
+    finally:
+        os.close(first)
+    os.close(take_writer_lock(path))  # free again once the first writer is gone
