@@ -4,6 +4,7 @@ and the key, e.g. ``config/x.toml: sensors[0].rate_hz: rate_hz must be > 0 (got 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,19 +81,26 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         raise ConfigError(path, [str(exc)]) from None
 
 
+def read_toml(path: str, error: Callable[[str, list[str]], Exception]) -> dict[str, Any]:
+    """Decode a TOML file; a missing, unreadable or malformed file raises ``error(path,
+    [problem])`` (the config's or the policy's own error type)."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise error(path, ["file not found"]) from None
+    except IsADirectoryError:
+        raise error(path, ["is a directory, not a TOML file"]) from None
+    except OSError as exc:
+        raise error(path, [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(path, [f"not valid TOML: {exc}"]) from None
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     """Read and validate a TOML config file. Raises ConfigError (file, key, problem)."""
     path = str(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(path, ["file not found"]) from None
-    except OSError as exc:
-        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
-    return parse_config(data, path)
+    return parse_config(read_toml(path, ConfigError), path)
 
 
 def default_config_path() -> Path:

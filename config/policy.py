@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import attrs
 
 from actors.router.predicates import Predicate, PredicateError
+from config.loader import read_toml
 from messages.readings import IDENT_RE
 
 #: Per-field statistics an aggregate can carry.
@@ -477,16 +477,7 @@ def parse_policy(data: dict[str, Any], path: str = "<policy>") -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy TOML file. Raises PolicyError (file, rule, key, problem)."""
     path = str(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise PolicyError(path, ["file not found"]) from None
-    except OSError as exc:
-        raise PolicyError(path, [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(path, [f"not valid TOML: {exc}"]) from None
-    return parse_policy(data, path)
+    return parse_policy(read_toml(path, PolicyError), path)
 
 
 def example_policy_path() -> Path:
