@@ -65,7 +65,8 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             name="sensors",
             actor_class=SUPERVISOR_CLASS,
             restart=Restart.PERMANENT,
-            shutdown_timeout_s=max([10.0, *(c.shutdown_timeout_s + 2 for c in sensors)]),
+            # Children stop one after another, so their timeouts add up.
+            shutdown_timeout_s=max(10.0, sum(c.shutdown_timeout_s for c in sensors) + 2.0),
             heartbeat_timeout_s=sup.heartbeat_timeout_s,
             settings=SupervisorSpec(flags(Strategy.ONE_FOR_ONE), sensors),
         ),
