@@ -25,10 +25,15 @@ import time
 import apsw
 import psutil
 
+from actors.sensors.actor import LATENCY_WINDOW_S
 from supervisors import system
 from tools.gateway_process import GatewayProcess
 
 RAW_BATCH = 500
+#: Seconds to let a freshly started gateway settle before measuring.
+WARM_UP_S = 2.0
+#: Shortest measuring window of a phase, whatever --seconds says.
+MIN_PHASE_S = 3.0
 
 
 def _config(sensors: int, rate_hz: float, port: int) -> str:
@@ -138,9 +143,9 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
         gw = start_gateway(workdir, "throughput", _config(sensors, offered, port), port)
         try:
             _wait_records(port, 5000, 60)
-            time.sleep(1.0)  # warm-up: let the queues settle
+            time.sleep(WARM_UP_S)  # let the queues settle
             t0, n0 = _journal_records(port)
-            time.sleep(seconds / 2)
+            time.sleep(max(seconds / 2, MIN_PHASE_S))
             t1, n1 = _journal_records(port)
             rss, uss = _memory(gw.proc.pid, gw.pgid())
         finally:
@@ -152,8 +157,9 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
         gw2 = start_gateway(workdir, "latency", _config(sensors, steady, port + 1), port + 1)
         try:
             _wait_records(port + 1, 1000, 60)
-            time.sleep(1.0)  # warm-up; the sensors report latency over their last 10 s
-            time.sleep(seconds / 2)
+            # The sensors report latency over their last LATENCY_WINDOW_S: let the window see
+            # only the steady state.
+            time.sleep(WARM_UP_S + max(seconds / 2, LATENCY_WINDOW_S + 0.5))
             p50, p99 = _latencies(port + 1)
         finally:
             gw2.stop()

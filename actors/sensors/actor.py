@@ -25,7 +25,7 @@ from messages.supervision import StopChild
 TICK_S = 0.02
 #: Ack latencies kept for the figures (and the benchmark): the last LATENCY_WINDOW_S seconds.
 LATENCY_SAMPLES = 20000
-LATENCY_WINDOW_S = 10.0
+LATENCY_WINDOW_S = 5.0
 
 
 class SensorActor(SupervisedActor):
