@@ -40,6 +40,9 @@ def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
         asys = system.attach(admin_port)
     except system.NoGatewayError as exc:
         raise InspectorError(str(exc)) from None
+    except Exception as exc:  # e.g. InvalidActorAddress: something else holds the port
+        raise InspectorError(f"admin port {admin_port} does not answer as a fleetgw actor "
+                             f"system ({type(exc).__name__}: {exc})") from None
     root = asys.createActor(Gateway, globalName=GLOBAL_NAME)
     request = TopologyRequest(next(_ids))
     asys.tell(root, request)

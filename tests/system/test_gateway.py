@@ -315,3 +315,21 @@ def test_inconsistent_supervision_settings_exit_2_before_anything_starts(tmp_pat
     assert result.returncode == 2
     assert "heartbeat_timeout_s" in result.stderr and str(path) in result.stderr
     assert not system.admin_listening(22999)
+
+
+def test_topology_against_a_port_held_by_something_else_fails_with_a_message(tmp_path):
+    import socket
+
+    from tests.system.harness import free_port
+
+    port = free_port()
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen(5)
+        result = subprocess.run([sys.executable, "-m", "tools.cli", "topology",
+                                 "--admin-port", str(port)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=90)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"admin port {port}" in result.stderr
