@@ -102,16 +102,74 @@ class NewRecords:
     upto: Position
 
 
+#: The lanes a record can be routed into (DESIGN.md, data path step 4). A record with no lane
+#: yet is "unrouted" (stats and drops use that name for it).
+LANES = ("P1", "P2", "P3", "EPHEMERAL")
+UNROUTED = "unrouted"
+
+
+@attrs.frozen(slots=True)
+class RouteDecisions:
+    """The router's decisions for the records it read, in column form: entry i routes the
+    record at position ``pos[i]`` into ``lane[i]`` (one of `LANES`) by rule ``rule[i]``.
+
+    ``drop[i]``: None = kept for its lane; otherwise the policy's reason (e.g. "duplicate",
+    "near", "sampled-out") — the record stays local, is never synced, is evicted first after
+    expired ones, and counts in the journal's drops under that reason and lane.
+    ``expires_ns[i]``: the record's local expiry (set for EPHEMERAL), None = none.
+    A decision for a position that does not exist or is already routed is ignored (a resend).
+    """
+
+    pos: tuple[int, ...]
+    lane: tuple[str, ...]
+    rule: tuple[str, ...]
+    drop: tuple[str | None, ...]
+    expires_ns: tuple[int | None, ...]
+
+
+@attrs.frozen(slots=True)
+class Aggregated:
+    """Fact from the router: the raw P3 records of ``device_id``/``sensor_id`` with positions in
+    ``first..last`` (inclusive) now have an aggregate, so eviction may take them (I7)."""
+
+    device_id: str
+    sensor_id: str
+    first: int
+    last: int
+
+
 @attrs.frozen(slots=True)
 class ConsumerCommit:
     """Command from a consumer: commit ``outputs`` and move my cursor from ``expected`` to
-    ``new`` in one transaction (I4). Refused when my cursor is not at ``expected``."""
+    ``new`` in one transaction (I4). Refused when my cursor is not at ``expected``.
+
+    With the cursor, in the same transaction: ``outputs`` (one batch or several: a batch holds
+    one sensor id) become new records, each given lane ``output_lane`` (e.g. "P3" for
+    aggregates, "P1" for safety events; None = unrouted); ``decisions`` route existing records;
+    ``aggregated`` marks raw P3 records as aggregated; ``state`` (JSON text, the consumer's own
+    state) is stored with the cursor — None leaves the stored state as it is.
+    Outputs in lane P1 may use the journal's P1 reserve; a commit without outputs is never
+    refused for space.
+    """
 
     consumer: str
     request_id: int
     expected: Position
     new: Position
-    outputs: ReadingBatch | None = None
+    outputs: ReadingBatch | tuple[ReadingBatch, ...] | None = None
+    output_lane: str | None = None
+    decisions: RouteDecisions | None = None
+    aggregated: tuple[Aggregated, ...] = ()
+    state: str | None = None
+
+    @property
+    def output_batches(self) -> tuple[ReadingBatch, ...]:
+        """``outputs`` as a tuple of batches (empty when there are none)."""
+        if self.outputs is None:
+            return ()
+        if isinstance(self.outputs, ReadingBatch):
+            return (self.outputs,)
+        return tuple(self.outputs)
 
 
 @attrs.frozen(slots=True)

@@ -2,8 +2,10 @@
 
 Where this sits: beside the data path, for operators — it opens DATA_DIR/journal.db read-only
 (`actors.journal.open_readonly`, which never creates a file), so it can run while the gateway is
-writing. `stats` shows per-device seq ranges, cursors, watermarks and sizes; `verify` runs
-SQLite's integrity check and checks invariant I2 (per device, seqs 1..max with no gap).
+writing. `stats` shows per-device seq ranges, cursors, watermarks, sizes, lanes and drops (by reason
+and lane); `verify` runs
+SQLite's integrity check and checks invariant I2 (per device, the seqs present plus the runs
+eviction removed cover 1..max exactly once).
 Exit status: 0 fine, 1 verify found problems, 2 no journal at the path (or not one).
 The lead wires these into argparse (tools/cli.py).
 """
@@ -71,6 +73,24 @@ def format_stats(stats: JournalStats) -> str:
     lines += _table(
         ("DEVICE", "LANE", "SEQ"), [(w.device_id, w.lane, w.seq) for w in stats.watermarks]
     )
+    lines += ["", "lanes"]
+    lines += _table(
+        ("LANE", "RECORDS", "BYTES", "OLDEST_UNSYNCED"),
+        [
+            (
+                lane.lane,
+                lane.records,
+                _size(lane.bytes),
+                "-" if lane.oldest_unsynced_age_s is None else f"{lane.oldest_unsynced_age_s:.0f}s",
+            )
+            for lane in stats.lanes
+        ],
+    )
+    lines += ["", f"drops ({sum(d.records for d in stats.drops)} records)"]
+    lines += _table(
+        ("REASON", "LANE", "RECORDS", "BYTES"),
+        [(d.reason, d.lane, d.records, _size(d.bytes)) for d in stats.drops],
+    )
     return "\n".join(lines)
 
 
@@ -108,7 +128,8 @@ def verify_command(db: str) -> int:
     if report.ok:
         print(
             f"ok: {db}: integrity ok; I2 holds for {report.devices_checked} devices "
-            f"({report.records_checked} records: seqs 1..max, no gap, counters match)"
+            f"({report.records_checked} records + {report.evicted_checked} evicted: "
+            "seqs 1..max, no gap, counters match)"
         )
         return EXIT_OK
     print(f"FAILED: {db}: {len(report.problems)} problems")

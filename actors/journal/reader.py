@@ -13,6 +13,7 @@ its own connection, the CLI on a read-only one.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,7 +22,7 @@ import apsw
 import attrs
 
 from actors.journal.schema import BUSY_TIMEOUT_MS, JournalNotFound, NotAJournal, check_readable
-from messages.journal import Position
+from messages.journal import LANES, UNROUTED, Position
 from messages.readings import Value, decode_values
 
 
@@ -74,6 +75,30 @@ class WatermarkStats:
 
 
 @attrs.frozen(slots=True)
+class LaneStats:
+    """Records of one lane (or "unrouted"): how many, their payload bytes, and the age of the
+    oldest one not yet synced (seq above its device's watermark for the lane; policy-dropped
+    records are never synced and do not count); None when every record is synced."""
+
+    lane: str
+    records: int
+    bytes: int
+    oldest_unsynced_age_s: float | None
+
+
+@attrs.frozen(slots=True)
+class DropStats:
+    """Records dropped for ``reason`` from ``lane``: policy drops ("duplicate", ...), eviction
+    ("expired", "policy_dropped", "synced", "aggregated", "oldest_p2") and refusals for space
+    ("refused_budget", counted each time a batch is refused)."""
+
+    reason: str
+    lane: str
+    records: int
+    bytes: int
+
+
+@attrs.frozen(slots=True)
 class JournalStats:
     """A snapshot of the journal for operators and metrics.
 
@@ -93,6 +118,8 @@ class JournalStats:
     wal_bytes: int
     usage_bytes: int
     budget_bytes: int | None
+    lanes: tuple[LaneStats, ...] = ()
+    drops: tuple[DropStats, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape `fleetgw journal stats --json` prints)."""
@@ -121,7 +148,23 @@ class JournalStats:
             "wal_bytes": self.wal_bytes,
             "usage_bytes": self.usage_bytes,
             "budget_bytes": self.budget_bytes,
+            "lanes": {
+                lane.lane: {
+                    "records": lane.records,
+                    "bytes": lane.bytes,
+                    "oldest_unsynced_age_s": lane.oldest_unsynced_age_s,
+                }
+                for lane in self.lanes
+            },
+            "drops": _drops_json(self.drops),
         }
+
+
+def _drops_json(drops: tuple[DropStats, ...]) -> dict[str, dict[str, dict[str, int]]]:
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for d in drops:
+        out.setdefault(d.reason, {})[d.lane] = {"records": d.records, "bytes": d.bytes}
+    return out
 
 
 @attrs.frozen(slots=True)
@@ -134,13 +177,16 @@ class VerifyReport:
     devices_checked: int
     records_checked: int
     problems: tuple[str, ...]
+    #: Seqs accounted for by eviction's runs (they complete the cover of 1..last_seq).
+    evicted_checked: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def _wal_bytes(path: str) -> int:
+def wal_bytes(path: str) -> int:
+    """Size of the journal's WAL file (0 when there is none)."""
     try:
         return os.stat(path + "-wal").st_size
     except FileNotFoundError:
@@ -154,7 +200,7 @@ def db_usage(conn: apsw.Connection, path: str) -> tuple[int, int]:
         "SELECT page_count, freelist_count, page_size "
         "FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()"
     ).fetchone()
-    return (pages - free) * page_size, _wal_bytes(path)
+    return (pages - free) * page_size, wal_bytes(path)
 
 
 def read_meta(conn: apsw.Connection, key: str) -> str:
@@ -199,6 +245,50 @@ def read_records(conn: apsw.Connection, after: Position, limit: int) -> list[Rec
     return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
 
+def read_consumer_state(conn: apsw.Connection, consumer: str) -> tuple[Position, str | None]:
+    """A consumer's durable cursor and the state it stored with it ((START, None) if it never
+    committed)."""
+    row = conn.execute(
+        "SELECT pos, state FROM cursors WHERE consumer = ?", (consumer,)
+    ).fetchone()
+    return (Position(row[0]), row[1]) if row else (Position(0), None)
+
+
+def _lane_stats(conn: apsw.Connection, now_ns: int) -> tuple[LaneStats, ...]:
+    """Per lane: counts and payload bytes (one scan of records: an operator's question, not a
+    per-commit one), and the oldest unsynced record's age (one index probe per device)."""
+    totals = {
+        lane: (n, b)
+        for lane, n, b in conn.execute(
+            "SELECT lane, count(*), total(octet_length(payload)) FROM records GROUP BY lane"
+        )
+    }
+    marks = {(d, lane): seq for d, lane, seq in conn.execute(
+        "SELECT device_id, lane, seq FROM watermarks")}
+    devices = [row[0] for row in conn.execute("SELECT device_id FROM devices")]
+    lanes = []
+    for lane in (*LANES, UNROUTED):
+        key = None if lane == UNROUTED else lane
+        n, b = totals.pop(key, (0, 0))
+        oldest = None
+        # A lane: a probe of its (lane, device_id, seq) index. Unrouted records have no entry
+        # there: the (device_id, seq) index, skipping routed ones (a scan, like the totals).
+        where = "lane IS NULL AND ?1 IS NULL" if key is None else "lane = ?1"
+        for device_id in devices if n else ():
+            row = conn.execute(
+                f"SELECT ts FROM records WHERE {where} AND device_id = ?2 AND seq > ?3 "
+                "AND drop_reason IS NULL ORDER BY seq LIMIT 1",
+                (key, device_id, marks.get((device_id, lane), 0)),
+            ).fetchone()
+            if row is not None and (oldest is None or row[0] < oldest):
+                oldest = row[0]
+        age = None if oldest is None else max(0.0, (now_ns - oldest) / 1e9)
+        lanes.append(LaneStats(lane, n, int(b), age))
+    # Lanes outside LANES (a consumer's own output lane): shown, no sync age.
+    lanes.extend(LaneStats(str(k), n, int(b), None) for k, (n, b) in sorted(totals.items()))
+    return tuple(lanes)
+
+
 def read_watermarks(conn: apsw.Connection) -> dict[str, dict[str, int]]:
     """device_id -> lane -> acknowledged seq."""
     marks: dict[str, dict[str, int]] = {}
@@ -209,9 +299,13 @@ def read_watermarks(conn: apsw.Connection) -> dict[str, dict[str, int]]:
     return marks
 
 
-def collect_stats(conn: apsw.Connection, path: str, budget_bytes: int | None) -> JournalStats:
-    """Per-device seq ranges and counts, cursors, watermarks and sizes, via SQL aggregates
-    (the (device_id, seq) index covers the per-device scan)."""
+def collect_stats(
+    conn: apsw.Connection, path: str, budget_bytes: int | None, now_ns: int | None = None
+) -> JournalStats:
+    """Per-device seq ranges and counts, cursors, watermarks, sizes, lanes and drops, via SQL
+    aggregates (the (device_id, seq) index covers the per-device scan). ``now_ns`` dates the
+    lanes' oldest unsynced records (default: the wall clock)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
     with read_snapshot(conn):  # the numbers agree with each other
         per_device = {
             row[0]: row[1:]
@@ -253,47 +347,100 @@ def collect_stats(conn: apsw.Connection, path: str, budget_bytes: int | None) ->
             wal_bytes=wal_bytes,
             usage_bytes=db_bytes + wal_bytes,
             budget_bytes=budget_bytes,
+            lanes=_lane_stats(conn, now_ns),
+            drops=tuple(
+                DropStats(*row)
+                for row in conn.execute(
+                    "SELECT reason, lane, records, bytes FROM drops ORDER BY reason, lane"
+                )
+            ),
         )
 
 
 def _first_gaps(conn: apsw.Connection, device_id: str, limit: int = 3) -> list[str]:
-    """Where a bad device's seqs break (only run for devices that failed the aggregate check)."""
+    """Where a bad device's seqs break: the records present and the evicted runs, merged in
+    seq order (only run for devices that failed the aggregate check)."""
     rows = conn.execute(
-        """SELECT prev, seq FROM (
-               SELECT seq, lag(seq, 1, 0) OVER (ORDER BY seq) AS prev
-               FROM records WHERE device_id = ?)
-           WHERE seq != prev + 1 LIMIT ?""",
+        """SELECT prev, lo, hi FROM (
+               SELECT lo, hi, lag(hi, 1, 0) OVER (ORDER BY lo, hi) AS prev FROM (
+                   SELECT seq AS lo, seq AS hi FROM records WHERE device_id = ?1
+                   UNION ALL
+                   SELECT seq_lo, seq_hi FROM evicted WHERE device_id = ?1))
+           WHERE lo != prev + 1 OR hi < lo LIMIT ?2""",
         (device_id, limit),
     )
-    return [f"after seq {prev} comes {seq}" for prev, seq in rows]
+    found = []
+    for prev, lo, hi in rows:
+        if hi < lo:
+            found.append(f"evicted run {lo}..{hi} is empty")
+        elif lo > prev + 1:
+            found.append(f"after seq {prev} comes {lo}")
+        else:
+            found.append(f"seq {lo} is covered twice (records or evicted runs overlap)")
+    return found
 
 
 def verify_journal(conn: apsw.Connection, path: str) -> VerifyReport:
-    """SQLite's integrity check plus I2: per device, the seqs present are exactly 1..max (no
-    gap, no duplicate) and ``devices.last_seq`` equals that max.
+    """SQLite's integrity check plus I2: per device, the seqs present plus the runs eviction
+    removed cover exactly 1..max (no gap, no overlap) and ``devices.last_seq`` equals that max.
 
-    Aggregates only: with UNIQUE(device_id, seq) (its index is checked by integrity_check),
-    ``min == 1`` and ``count == max`` prove the seqs are exactly 1..max.
+    Aggregates only: with UNIQUE(device_id, seq) (its index is checked by integrity_check)
+    records are distinct; no evicted run is empty, overlaps the next run (a window over the
+    runs) or holds a record (a range probe of the index per run); so the covered seqs are
+    distinct, and ``min == 1`` with ``records + run lengths == max`` proves they are 1..max.
     """
     problems: list[str] = []
     integrity = tuple(row[0] for row in conn.execute("PRAGMA integrity_check"))
     if integrity != ("ok",):
         problems.extend(f"integrity: {line}" for line in integrity)
-    records = devices = 0
+    records = devices = evicted_seqs = 0
     if not _has_seq_index(conn):
         problems.append("schema: records lacks UNIQUE(device_id, seq); duplicates go unnoticed")
     with read_snapshot(conn):  # the aggregates and the counters they are compared with
         counters = dict(conn.execute("SELECT device_id, last_seq FROM devices"))
-        for device_id, lo, hi, count in conn.execute(
-            "SELECT device_id, min(seq), max(seq), count(*) FROM records GROUP BY device_id"
+        runs = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                "SELECT device_id, min(seq_lo), max(seq_hi), total(seq_hi - seq_lo + 1), "
+                "sum(seq_hi < seq_lo) FROM evicted GROUP BY device_id"
+            )
+        }
+        overlapping = dict(
+            conn.execute(
+                """SELECT device_id, count(*) FROM (
+                       SELECT device_id, seq_lo,
+                              lag(seq_hi) OVER (PARTITION BY device_id ORDER BY seq_lo) AS prev
+                       FROM evicted)
+                   WHERE seq_lo <= prev GROUP BY device_id"""
+            )
+        )
+        for device_id, n in conn.execute(
+            "SELECT e.device_id, count(*) FROM evicted e JOIN records r "
+            "ON r.device_id = e.device_id AND r.seq BETWEEN e.seq_lo AND e.seq_hi "
+            "GROUP BY e.device_id"
         ):
+            overlapping[device_id] = overlapping.get(device_id, 0) + n
+        present = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                "SELECT device_id, min(seq), max(seq), count(*) FROM records GROUP BY device_id"
+            )
+        }
+        for device_id in sorted(present.keys() | runs.keys()):
             devices += 1
+            r_lo, r_hi, count = present.get(device_id, (None, None, 0))
+            e_lo, e_hi, e_count, empty = runs.get(device_id, (None, None, 0, 0))
+            e_count = int(e_count)
             records += count
+            evicted_seqs += e_count
+            lo = min(x for x in (r_lo, e_lo) if x is not None)
+            hi = max(x for x in (r_hi, e_hi) if x is not None)
             last_seq = counters.pop(device_id, None)
-            if lo != 1 or count != hi:
+            if lo != 1 or count + e_count != hi or empty or overlapping.get(device_id):
                 where = "; ".join(_first_gaps(conn, device_id)) or "duplicate seqs"
+                kept = f"{count} records" + (f" + {e_count} evicted" if e_count else "")
                 problems.append(
-                    f"I2: device {device_id} has {count} records with seqs {lo}..{hi}, "
+                    f"I2: device {device_id} has {kept} covering seqs {lo}..{hi}, "
                     f"expected exactly 1..{hi}: {where}"
                 )
             if last_seq is None:
@@ -308,7 +455,7 @@ def verify_journal(conn: apsw.Connection, path: str) -> VerifyReport:
                 problems.append(
                     f"I2: device {device_id} counter last_seq={last_seq} but it has no records"
                 )
-    return VerifyReport(path, integrity, devices, records, tuple(problems))
+    return VerifyReport(path, integrity, devices, records, tuple(problems), evicted_seqs)
 
 
 class JournalReader:
@@ -342,6 +489,11 @@ class JournalReader:
     def watermarks(self) -> dict[str, dict[str, int]]:
         return read_watermarks(self._conn)
 
+    def consumer_state(self, consumer: str) -> tuple[Position, str | None]:
+        """The consumer's durable cursor and the state it committed with it: where a
+        restarted consumer resumes ((START, None) if it never committed)."""
+        return read_consumer_state(self._conn, consumer)
+
     def stats(self) -> JournalStats:
         return collect_stats(self._conn, self.path, None)
 
@@ -370,12 +522,15 @@ def open_readonly(path: str) -> JournalReader:
 __all__ = [
     "CursorStats",
     "DeviceStats",
+    "DropStats",
     "JournalReader",
     "JournalStats",
+    "LaneStats",
     "Record",
     "VerifyReport",
     "WatermarkStats",
     "collect_stats",
     "open_readonly",
+    "read_consumer_state",
     "verify_journal",
 ]

@@ -167,12 +167,56 @@ def _v3_resend_floors(conn: apsw.Connection) -> None:
     )
 
 
+def _v4_lanes_and_eviction(conn: apsw.Connection) -> None:
+    """v4: the router's lanes on each record, consumer state beside the cursor, and what
+    eviction (I7) needs: its indexes, drop counters and the exact seq runs it removed."""
+    conn.execute(
+        """
+        -- lane NULL = not routed yet (never evicted). drop_reason: a policy drop (kept local,
+        -- never synced). expires_ns: local expiry. aggregated = 1: a raw P3 record that has
+        -- an aggregate.
+        ALTER TABLE records ADD COLUMN lane TEXT;
+        ALTER TABLE records ADD COLUMN rule TEXT;
+        ALTER TABLE records ADD COLUMN drop_reason TEXT;
+        ALTER TABLE records ADD COLUMN expires_ns INTEGER;
+        ALTER TABLE records ADD COLUMN aggregated INTEGER;
+        -- Per lane and device in seq (= position) order: synced records (seq <= watermark)
+        -- are an exact range, the oldest P2 a prefix. Partial: a sensor append (unrouted)
+        -- pays nothing for it; routing adds the entry.
+        CREATE INDEX records_lane ON records(lane, device_id, seq) WHERE lane IS NOT NULL;
+        -- The other eviction classes, in position order; empty until routing fills them.
+        CREATE INDEX records_expiring ON records(pos) WHERE expires_ns IS NOT NULL;
+        CREATE INDEX records_dropped ON records(pos) WHERE drop_reason IS NOT NULL;
+        CREATE INDEX records_aggregated ON records(pos) WHERE aggregated = 1;
+        ALTER TABLE cursors ADD COLUMN state TEXT;
+        CREATE TABLE drops(
+            reason TEXT NOT NULL,
+            lane TEXT NOT NULL,
+            records INTEGER NOT NULL,
+            bytes INTEGER NOT NULL,
+            PRIMARY KEY (reason, lane)
+        ) WITHOUT ROWID;
+        -- The exact seq runs eviction removed: with the records present they cover every
+        -- device's 1..last_seq exactly once (I2, checked by verify).
+        CREATE TABLE evicted(
+            device_id TEXT NOT NULL,
+            seq_lo INTEGER NOT NULL,
+            seq_hi INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            lane TEXT NOT NULL
+        );
+        CREATE INDEX evicted_runs ON evicted(device_id, seq_lo);
+        """
+    )
+
+
 #: Migration steps in order: step i brings a journal from version i to version i + 1.
 #: Append new steps; never edit a released one.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _v1_data_path,
     _v2_resend_safe_commits_and_watermarks,
     _v3_resend_floors,
+    _v4_lanes_and_eviction,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
