@@ -133,6 +133,8 @@ class SupervisedActor(ActorTypeDispatcher):
         self.data_dir = msg.data_dir
         self.fault_injection = msg.fault_injection
         self.started_mono = time.monotonic()
+        if msg.nice:
+            os.nice(msg.nice)
         self.on_init()
         self.initialised = True
         if self.ready_on_init:

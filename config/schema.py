@@ -161,12 +161,33 @@ class SensorSettings:
 
 
 @attrs.frozen
+class RouterSettings:
+    """[router]: the policy engine that puts every journaled record in a lane."""
+
+    #: Policy TOML (see config/policy.example.toml); empty means that shipped example.
+    policy: str = ""
+    #: Records routed per journal commit at most.
+    batch_records: int = attrs.field(default=2000, validator=_positive)
+    #: Seconds between polls of the journal (NewRecords notices come sooner; they may be lost).
+    poll_s: float = attrs.field(default=0.2, validator=_positive)
+
+    @property
+    def policy_path(self) -> str:
+        if self.policy:
+            return self.policy
+        from config.policy import example_policy_path
+
+        return str(example_policy_path())
+
+
+@attrs.frozen
 class GatewayConfig:
     """The whole gateway configuration (one TOML file)."""
 
     gateway: GatewaySettings = GatewaySettings()
     journal: JournalSettings = JournalSettings()
     supervision: SupervisionSettings = SupervisionSettings()
+    router: RouterSettings = RouterSettings()
     sensors: tuple[SensorSettings, ...] = attrs.field(default=())
 
     @sensors.validator

@@ -26,6 +26,9 @@ class ChildInit:
     peers: tuple[tuple[str, Any], ...]
     data_dir: str
     fault_injection: bool = False
+    #: Scheduling niceness to add (0: as the parent). Consumers run nicer than the journal
+    #: path, so a busy router never delays acknowledgements (I6).
+    nice: int = 0
 
 
 @attrs.frozen(slots=True)

@@ -47,6 +47,9 @@ class ChildSpec:
     shutdown_timeout_s: float = 5.0
     heartbeat_timeout_s: float = 5.0
     settings: Any = None
+    #: Niceness the child adds to its scheduling priority (0..19): background consumers
+    #: yield the CPU to the latency-critical journal path.
+    nice: int = 0
 
     @property
     def is_supervisor(self) -> bool:
@@ -112,6 +115,8 @@ def validate(spec: SupervisorSpec, where: str = "root") -> list[str]:
         if child.name in seen:
             problems.append(f"{here}: child names must be unique within a supervisor")
         seen.add(child.name)
+        if not 0 <= child.nice <= 19:
+            problems.append(f"{here}: nice must be in 0..19 (got {child.nice})")
         if child.shutdown_timeout_s <= 0 or child.heartbeat_timeout_s <= 0:
             problems.append(f"{here}: shutdown and heartbeat timeouts must be > 0")
         if child.heartbeat_timeout_s <= f.heartbeat_interval_s:

@@ -116,6 +116,7 @@ class Supervisor(SupervisedActor):
                 peers=tuple(self.peers.items()),
                 data_dir=self.data_dir,
                 fault_injection=self.fault_injection,
+                nice=rec.spec.nice,
             ),
         )
         if not rec.spec.is_supervisor:

@@ -2,11 +2,14 @@
 
     gateway (root, one_for_one)
     ├── journal        JournalWriter — the only writer of journal.db
-    └── sensors        Supervisor(one_for_one)
-          └── sensor:<id>  SimSensor (one per configured sensor)
+    ├── sensors        Supervisor(one_for_one)
+    │     └── sensor:<id>  SimSensor (one per configured sensor)
+    └── processing     Supervisor(one_for_one)
+          └── router   RouterActor — puts every record in a lane (policy engine)
 
-The journal comes first: sensors need its address, and in an orderly stop (reverse order) the
-sensors drain into the journal before it closes. one_for_one at the root: when the journal
+The journal comes first: sensors and consumers need its address, and in an orderly stop
+(reverse order) the router closes its windows and the sensors drain into the journal before it
+closes. one_for_one at the root: when the journal
 restarts, sensors keep their unacknowledged batches and resend them to its new address.
 """
 
@@ -20,6 +23,9 @@ from supervisors.spec import ChildSpec, Restart, Strategy, SupervisorFlags, Supe
 SENSOR_CLASSES = {"sim": "actors.sensors.actor.SimSensor"}
 JOURNAL_CLASS = "actors.journal.actor.JournalWriter"
 SUPERVISOR_CLASS = "supervisors.supervisor.Supervisor"
+ROUTER_CLASS = "actors.router.actor.RouterActor"
+#: Niceness of the consumers: they yield the CPU to sensors and the journal (I6).
+ROUTER_NICE = 10
 
 
 def sensor_name(sensor_id: str) -> str:
@@ -69,6 +75,28 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             shutdown_timeout_s=max(10.0, sum(c.shutdown_timeout_s for c in sensors) + 2.0),
             heartbeat_timeout_s=sup.heartbeat_timeout_s,
             settings=SupervisorSpec(flags(Strategy.ONE_FOR_ONE), sensors),
+        ),
+    )
+    processing = (
+        ChildSpec(
+            name="router",
+            actor_class=ROUTER_CLASS,
+            restart=Restart.PERMANENT,
+            shutdown_timeout_s=10.0,
+            heartbeat_timeout_s=sup.heartbeat_timeout_s,
+            settings=config.router,
+            # Routing may lag (it catches up at 3x ingest); acknowledgements must not.
+            nice=ROUTER_NICE,
+        ),
+    )
+    children += (
+        ChildSpec(
+            name="processing",
+            actor_class=SUPERVISOR_CLASS,
+            restart=Restart.PERMANENT,
+            shutdown_timeout_s=sum(c.shutdown_timeout_s for c in processing) + 2.0,
+            heartbeat_timeout_s=sup.heartbeat_timeout_s,
+            settings=SupervisorSpec(flags(Strategy.ONE_FOR_ONE), processing),
         ),
     )
     return SupervisorSpec(flags(Strategy.ONE_FOR_ONE), children)

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="offered readings/s per sensor (default: saturating)")
     bj.add_argument("--admin-port", type=_port, default=19081)
     bj.add_argument("--json", action="store_true", help="print one JSON object")
+    br = bsub.add_parser("router", help="router throughput beside ingest, and bytes saved")
+    br.add_argument("--seconds", type=_positive_float, default=20.0)
+    br.add_argument("--vehicles", type=int, default=4,
+                    help="simulated vehicles, each with imu, gps and engine at 10x demo rates")
+    br.add_argument("--admin-port", type=_port, default=19091)
+    br.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -109,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.policy_cmd import check_command
 
         return check_command(args.file, args.explain)
+    if args.command == "bench" and args.bench_command == "router":
+        from tools.bench_router import bench_router_command
+
+        return bench_router_command(args.seconds, args.vehicles, args.admin_port, args.json)
     if args.command == "bench":
         from tools.bench import bench_journal_command
 

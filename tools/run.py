@@ -89,11 +89,14 @@ def status_line(root: ActorNode) -> str:
     up = sum(1 for n in sensors if n.state == "running")
     unacked = sum(dict(n.figures).get("unacked_batches", 0) for n in sensors)
     restarts = sum(n.restarts for n in walk(root))
+    router = find(root, "router")
+    backlog = dict(router.figures).get("backlog", "?") if router else "-"
     return (
         f"status: journal records={figures.get('records', '?')} "
         f"commits/s={figures.get('commits_per_s', '?')} "
         f"last_commit_age_s={figures.get('last_commit_age_s', '?')} "
-        f"sensors={up}/{len(sensors)} unacked_batches={unacked} restarts={restarts}"
+        f"sensors={up}/{len(sensors)} unacked_batches={unacked} router_backlog={backlog} "
+        f"restarts={restarts}"
     )
 
 
@@ -280,9 +283,16 @@ def run_command(config_path: str, data_dir: str | None, admin_port: int | None,
     except ConfigError as exc:
         print(f"fleetgw run: bad config\n{exc}", file=sys.stderr)
         return EXIT_USAGE
+    from config.policy import PolicyError, load_policy
     from supervisors.spec import validate
     from supervisors.tree import gateway_tree
 
+    try:
+        load_policy(config.router.policy_path)
+    except PolicyError as exc:
+        print(f"fleetgw run: bad routing policy ([router] policy in {config_path})\n{exc}",
+              file=sys.stderr)
+        return EXIT_USAGE
     problems = validate(gateway_tree(config))
     if problems:
         print("fleetgw run: bad config\n" + "\n".join(f"{config_path}: {p}" for p in problems),

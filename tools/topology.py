@@ -24,7 +24,7 @@ _ids = itertools.count(1)
 TEXT_FIGURES = (
     "records", "appended", "commits_per_s", "last_commit_age_s", "refused",
     "readings_added", "acked_readings", "unacked_batches", "unacked_bytes", "held",
-    "ack_ms_p99", "children", "strategy",
+    "ack_ms_p99", "routed", "backlog", "aggregates", "children", "strategy",
 )
 
 

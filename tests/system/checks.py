@@ -11,7 +11,9 @@ def sensor_timelines(journal_path: str) -> dict[str, list[int]]:
     """Timestamps of every journaled reading, per sensor, in journal order."""
     db = apsw.Connection(journal_path, flags=apsw.SQLITE_OPEN_READONLY)
     out: dict[str, list[int]] = defaultdict(list)
-    for sensor, ts in db.execute("SELECT sensor_id, ts FROM records ORDER BY pos"):
+    # Raw readings only: the router's aggregate records carry their source sensor's id.
+    for sensor, ts in db.execute("SELECT sensor_id, ts FROM records "
+                                 "WHERE kind NOT LIKE 'agg:%' ORDER BY pos"):
         out[sensor].append(ts)
     db.close()
     return dict(out)
