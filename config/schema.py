@@ -168,8 +168,9 @@ class RouterSettings:
     policy: str = ""
     #: Records routed per journal commit at most.
     batch_records: int = attrs.field(default=2000, validator=_positive)
-    #: Seconds between polls of the journal (NewRecords notices come sooner; they may be lost).
-    poll_s: float = attrs.field(default=0.2, validator=_positive)
+    #: Seconds between polls of the journal; also the shortest interval between two commits
+    #: of less than a full batch (each commit is a durable transaction of the journal).
+    poll_s: float = attrs.field(default=0.5, validator=_positive)
 
     @property
     def policy_path(self) -> str:

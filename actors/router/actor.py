@@ -111,6 +111,11 @@ class RouterActor(SupervisedActor):
         records = self.reader.read(self.cursor, self.settings.batch_records)
         if not records:
             return
+        if (len(records) < self.settings.batch_records
+                and time.monotonic() - self.sent_at < self.settings.poll_s):
+            # Each commit is a durable journal transaction on the acknowledgement path:
+            # commit a full batch at once, a partial one at most once per poll interval.
+            return
         self.in_flight = self.route(records)
         self.send_commit()
 
