@@ -181,12 +181,17 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def bench_journal_command(seconds: float, sensors: int, rate: float | None, port: int,
-                          as_json: bool) -> int:
-    result = run_bench(seconds, sensors, rate, port)
+def print_result(result: dict, as_json: bool) -> None:
+    """A benchmark's figures: one JSON object, or one ``name value`` line each."""
     if as_json:
         print(json.dumps(result))
     else:
+        width = max(map(len, result)) + 2
         for key, value in result.items():
-            print(f"{key:32} {value}")
+            print(f"{key:{width}} {value}")
+
+
+def bench_journal_command(seconds: float, sensors: int, rate: float | None, port: int,
+                          as_json: bool) -> int:
+    print_result(run_bench(seconds, sensors, rate, port), as_json)
     return 0

@@ -10,7 +10,6 @@ Finally the routed journal gives the bytes the policy keeps for sync against all
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -18,7 +17,14 @@ import time
 
 import apsw
 
-from tools.bench import _journal_records, _tree, _wait_records, _walk, start_gateway
+from tools.bench import (
+    _journal_records,
+    _tree,
+    _wait_records,
+    _walk,
+    print_result,
+    start_gateway,
+)
 
 #: Sensors of one simulated vehicle: the demo's, at realistic rates.
 VEHICLE = [("imu0", "imu", 100), ("gps0", "gps", 1), ("engine0", "engine", 10)]
@@ -129,10 +135,5 @@ def run_bench(seconds: float, vehicles: int, port: int) -> dict:
 
 
 def bench_router_command(seconds: float, vehicles: int, port: int, as_json: bool) -> int:
-    result = run_bench(seconds, vehicles, port)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:20} {value}")
+    print_result(run_bench(seconds, vehicles, port), as_json)
     return 0
