@@ -213,6 +213,33 @@ def cleanup_stale(data_dir: str, admin_port: int) -> list[str]:
     return actions
 
 
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux PR_SET_CHILD_SUBREAPER):
+    the double-forked Admin and any actor orphaned by a dead parent are reparented here and
+    reaped by `reap_children`, instead of lingering as zombies under an init that reaps
+    lazily (a container's pid 1, this sandbox's)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_children() -> int:
+    """Collect every child that has exited (never blocks); returns how many."""
+    reaped = 0
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped += 1
+
+
 def start_actor_system(admin_port: int, log_defs: dict | None) -> Any:
     """Start a hardened multiprocTCPBase actor system on a loopback admin port."""
     hardening.apply()

@@ -124,6 +124,7 @@ class Runner:
         for action in system.cleanup_stale(self.data_dir, self.admin_port):
             log().warning("cleanup: %s", action)
         log_file = os.path.join(self.data_dir, "gateway.log")
+        system.become_subreaper()
         try:
             self.asys = system.start_actor_system(
                 self.admin_port, thespian_log_config(log_file, self.config.gateway.log_level)
@@ -248,6 +249,7 @@ class Runner:
             n = system.kill_group(self.pgid)
             if n:
                 log().warning("killed %d actor process(es) left after shutdown", n)
+        system.reap_children()  # the Admin and orphaned actors were reparented to us
         system.clear_state(self.data_dir)
 
 
