@@ -1,0 +1,4 @@
+{
+  "key_id": "f74af557e230a766",
+  "signature": "7dc55919b576cb4c73567f874a37f7a29335307b2bfc445ed0e9b2e7f239621342127deeb8ada8fecd25d3cc70bc40dada7cb85cdf064e8c75abe7a4bccf3007"
+}
