@@ -182,6 +182,35 @@ class RouterSettings:
 
 
 @attrs.frozen
+class ModelSettings:
+    """[model]: the model runner (OpenVINO anomaly model + deterministic safety rules)."""
+
+    #: Run the model runner at all (false: no inference, no rule events).
+    enabled: bool = True
+    #: Registry of installed models; empty means DATA_DIR/models.
+    registry: str = ""
+    #: Directory of trusted model-signing public keys (*.pub); empty means the shipped
+    #: models/trusted_keys.
+    trusted_keys: str = ""
+    #: Model installed and activated at start when the registry has no active model; empty
+    #: means the shipped model (models/DEFAULT names it), "none" means start without one
+    #: (windows then get inference-error records until `fleetgw model activate`).
+    bundled: str = ""
+    #: Records read per journal commit at most.
+    batch_records: int = attrs.field(default=2000, validator=_positive)
+    #: Seconds between polls of the journal (and the shortest interval between two commits of
+    #: less than a full batch).
+    poll_s: float = attrs.field(default=0.5, validator=_positive)
+    #: Seconds of record time a device window waits for late readings beyond its end.
+    grace_s: float = attrs.field(default=2.0, validator=_non_negative)
+    #: At most one safety event per device and type (a rule or a model label) within this
+    #: many seconds of record time; 0 means one per rule hit and per anomalous window.
+    event_debounce_s: float = attrs.field(default=10.0, validator=_non_negative)
+    #: Seconds between looks at the registry for a newly activated model.
+    check_s: float = attrs.field(default=2.0, validator=_positive)
+
+
+@attrs.frozen
 class GatewayConfig:
     """The whole gateway configuration (one TOML file)."""
 
@@ -189,6 +218,7 @@ class GatewayConfig:
     journal: JournalSettings = JournalSettings()
     supervision: SupervisionSettings = SupervisionSettings()
     router: RouterSettings = RouterSettings()
+    model: ModelSettings = ModelSettings()
     sensors: tuple[SensorSettings, ...] = attrs.field(default=())
 
     @sensors.validator

@@ -5,7 +5,8 @@
     ├── sensors        Supervisor(one_for_one)
     │     └── sensor:<id>  SimSensor (one per configured sensor)
     └── processing     Supervisor(one_for_one)
-          └── router   RouterActor — puts every record in a lane (policy engine)
+          ├── router   RouterActor — puts every record in a lane (policy engine)
+          └── model    ModelRunnerActor — safety rules + OpenVINO inference of device windows
 
 The journal comes first: sensors and consumers need its address, and in an orderly stop
 (reverse order) the router closes its windows and the sensors drain into the journal before it
@@ -24,8 +25,10 @@ SENSOR_CLASSES = {"sim": "actors.sensors.actor.SimSensor"}
 JOURNAL_CLASS = "actors.journal.actor.JournalWriter"
 SUPERVISOR_CLASS = "supervisors.supervisor.Supervisor"
 ROUTER_CLASS = "actors.router.actor.RouterActor"
-#: Niceness of the consumers: they yield the CPU to sensors and the journal (I6).
-ROUTER_NICE = 10
+MODEL_CLASS = "actors.model_runner.actor.ModelRunnerActor"
+#: Niceness of the journal consumers (router, model runner): they yield the CPU to sensors
+#: and the journal (I6). The router catches up at 3x ingest, the model runner much faster.
+CONSUMER_NICE = 10
 
 
 def sensor_name(sensor_id: str) -> str:
@@ -77,18 +80,16 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             settings=SupervisorSpec(flags(Strategy.ONE_FOR_ONE), sensors),
         ),
     )
-    processing = (
-        ChildSpec(
-            name="router",
-            actor_class=ROUTER_CLASS,
-            restart=Restart.PERMANENT,
-            shutdown_timeout_s=10.0,
-            heartbeat_timeout_s=sup.heartbeat_timeout_s,
-            settings=config.router,
-            # Routing may lag (it catches up at 3x ingest); acknowledgements must not.
-            nice=ROUTER_NICE,
-        ),
-    )
+    def consumer(name: str, actor_class: str, settings: object) -> ChildSpec:
+        # A journal consumer may lag and catch up; acknowledgements must not (I6): it runs
+        # niced, so sensors and the journal get the CPU first.
+        return ChildSpec(name=name, actor_class=actor_class, restart=Restart.PERMANENT,
+                         shutdown_timeout_s=10.0, heartbeat_timeout_s=sup.heartbeat_timeout_s,
+                         settings=settings, nice=CONSUMER_NICE)
+
+    processing = (consumer("router", ROUTER_CLASS, config.router),)
+    if config.model.enabled:
+        processing += (consumer("model", MODEL_CLASS, config.model),)
     children += (
         ChildSpec(
             name="processing",

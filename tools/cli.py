@@ -73,6 +73,47 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a reading as JSON: {"device_id", "sensor_id", "ts", "kind", '
                              '"values"}')
 
+    model = sub.add_parser("model", help="the signed model registry: list, verify, install, "
+                                         "activate, rollback; keygen and train")
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument("--data-dir", default="data",
+                          help="the registry is DATA_DIR/models (default: ./data)")
+    registry.add_argument("--registry", default=None, help="registry directory (overrides "
+                                                            "--data-dir)")
+    registry.add_argument("--trusted-keys", default=None, metavar="DIR",
+                          help="trusted *.pub keys (default: the repository's "
+                               "models/trusted_keys)")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    mlist = msub.add_parser("list", parents=[registry], help="installed versions, the active "
+                                                            "one marked")
+    mlist.add_argument("--json", action="store_true", help="print a JSON list")
+    mverify = msub.add_parser("verify", parents=[registry],
+                              help="signature, hashes and self-test of installed versions")
+    mverify.add_argument("version", nargs="?", default=None,
+                         help="one installed version (default: all)")
+    mverify.add_argument("--path", default=None, metavar="DIR",
+                         help="check a model directory instead (not installed)")
+    minstall = msub.add_parser("install", parents=[registry],
+                               help="verify, self-test and install a model directory")
+    minstall.add_argument("path", help="model directory (model.xml, model.bin, manifest.json, "
+                                       "manifest.sig)")
+    mactivate = msub.add_parser("activate", parents=[registry],
+                                help="serve an installed version (re-verified, self-tested)")
+    mactivate.add_argument("version")
+    msub.add_parser("rollback", parents=[registry],
+                    help="serve the version active before the current one")
+    mkeygen = msub.add_parser("keygen", help="make an Ed25519 signing key and its .pub")
+    mkeygen.add_argument("path", help="where to write the private key (PATH.pub: public key)")
+    mtrain = msub.add_parser("train", help="train, self-test and sign a model directory")
+    mtrain.add_argument("--out", required=True, metavar="DIR", help="model directory to write")
+    mtrain.add_argument("--signing-key", required=True, metavar="KEY",
+                        help="private key from `fleetgw model keygen`")
+    mtrain.add_argument("--version", default=None,
+                        help="model version (default: the out directory's name)")
+    mtrain.add_argument("--seed", type=int, default=20261127,
+                        help="data and training seed (default 20261127, the shipped model's)")
+    mtrain.add_argument("--quick", action="store_true", help="a small data set (for tests)")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures beside references")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bj = bsub.add_parser("journal", help="durable journaling through the actors vs raw apsw")
@@ -88,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="simulated vehicles, each with imu, gps and engine at 10x demo rates")
     br.add_argument("--admin-port", type=_port, default=19091)
     br.add_argument("--json", action="store_true", help="print one JSON object")
+    bm = bsub.add_parser("model", help="inference latency, runner throughput and memory, and "
+                         "precision/recall per anomaly type beside the rules alone")
+    bm.add_argument("--model", default=None,
+                    help="model directory (default: the shipped one, models/DEFAULT)")
+    bm.add_argument("--seed", type=int, default=7,
+                    help="seed of the held-out test set (default 7; training used another)")
+    bm.add_argument("--vehicles", type=int, default=8, help="simulated vehicles for the "
+                    "runner throughput (default 8)")
+    bm.add_argument("--seconds", type=_positive_float, default=60.0,
+                    help="seconds of their driving (default 60)")
+    bm.add_argument("--admin-port", type=_port, default=19101)
+    bm.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -115,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         from tools.policy_cmd import check_command
 
         return check_command(args.file, args.explain)
+    if args.command == "model":
+        from tools.model_cmd import model_command
+
+        return model_command(args)
+    if args.command == "bench" and args.bench_command == "model":
+        from tools.bench_model import bench_model_command
+
+        return bench_model_command(args.model, args.seed, args.vehicles, args.seconds,
+                                   args.admin_port, args.json)
     if args.command == "bench" and args.bench_command == "router":
         from tools.bench_router import bench_router_command
 

@@ -91,12 +91,19 @@ def status_line(root: ActorNode) -> str:
     restarts = sum(n.restarts for n in walk(root))
     router = find(root, "router")
     backlog = dict(router.figures).get("backlog", "?") if router else "-"
+    model = find(root, "model")
+    served = ""
+    if model is not None:
+        m = dict(model.figures)
+        events = sum(v for k, v in m.items() if k.startswith("event_"))
+        served = (f" model={m.get('model', '?')} inferences={m.get('inferences', 0)} "
+                  f"safety_events={events} model_backlog={m.get('backlog', '?')}")
     return (
         f"status: journal records={figures.get('records', '?')} "
         f"commits/s={figures.get('commits_per_s', '?')} "
         f"last_commit_age_s={figures.get('last_commit_age_s', '?')} "
-        f"sensors={up}/{len(sensors)} unacked_batches={unacked} router_backlog={backlog} "
-        f"restarts={restarts}"
+        f"sensors={up}/{len(sensors)} unacked_batches={unacked} router_backlog={backlog}"
+        f"{served} restarts={restarts}"
     )
 
 

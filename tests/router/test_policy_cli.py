@@ -17,7 +17,7 @@ def test_example_policy_checks_and_explains_a_harsh_braking_record():
               "kind": "imu", "values": {"ax": -5.0, "ay": 0.0, "az": 9.8}}
     result = run("config/policy.example.toml", "--explain", json.dumps(record))
     assert result.returncode == 0, result.stderr
-    assert 'lane     P1  (rules[0] "harsh-braking")' in result.stdout
+    assert 'lane     P1  (rules[1] "harsh-braking")' in result.stdout
 
 
 def test_bad_policy_exits_2_naming_file_rule_and_key(tmp_path):

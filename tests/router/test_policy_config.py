@@ -200,8 +200,8 @@ def test_example_policy_loads_and_shows_every_option():
     lanes = {r.lane for r in policy.rules}
     assert lanes == set(Lane)
     names = [r.name for r in policy.rules]
-    assert names[:6] == ["harsh-braking", "impact", "engine-overheating", "oil-pressure-low",
-                         "battery-low", "gps-fix-lost"]
+    assert names[:7] == ["safety-events", "harsh-braking", "impact", "engine-overheating",
+                         "oil-pressure-low", "battery-low", "gps-fix-lost"]
     gps = policy.rule("gps-track")
     assert gps.dedup == DedupSpec(60.0, ("fix",), 15.0, "lat", "lon")
     assert gps.sample is not None and str(gps.sample.while_) == "speed_kmh < 1"
@@ -241,8 +241,8 @@ def test_check_command_prints_a_summary_of_a_valid_policy(capsys):
 
     assert check_command(str(example_policy_path()), None) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"ok: {example_policy_path()}: 10 rules, default lane P3")
-    assert re.search(r"^\s+6 gps-track\s+P2\s+sensor gps\*; kind gps\s+ttl 86400s, sample, dedup$",
+    assert out.startswith(f"ok: {example_policy_path()}: 12 rules, default lane P3")
+    assert re.search(r"^\s+7 gps-track\s+P2\s+sensor gps\*; kind gps\s+ttl 86400s, sample, dedup$",
                      out, re.M)
 
 
@@ -265,8 +265,8 @@ def test_check_command_explains_which_rule_a_record_takes(capsys):
                '"kind":"imu","values":{"ax":-5.2,"ay":0.1,"az":9.8}}')
     assert check_command(str(example_policy_path()), braking) == 0
     out = capsys.readouterr().out
-    assert "rules[0] \"harsh-braking\": MATCH:" in out and "when ax < -4.4 [ax=-5.2: true]" in out
-    assert "lane     P1  (rules[0] \"harsh-braking\")" in out
+    assert "rules[1] \"harsh-braking\": MATCH:" in out and "when ax < -4.4 [ax=-5.2: true]" in out
+    assert "lane     P1  (rules[1] \"harsh-braking\")" in out
     assert check_command(str(example_policy_path()), '{"device_id": "v"}') == 2
     assert "Reading.sensor_id must be present" in capsys.readouterr().err
     assert check_command(str(example_policy_path()), "{nope") == 2

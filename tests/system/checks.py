@@ -6,14 +6,17 @@ from collections import defaultdict
 
 import apsw
 
+from actors.model_runner.runner import SENSOR_ID as MODEL_SENSOR
+
 
 def sensor_timelines(journal_path: str) -> dict[str, list[int]]:
     """Timestamps of every journaled reading, per sensor, in journal order."""
     db = apsw.Connection(journal_path, flags=apsw.SQLITE_OPEN_READONLY)
     out: dict[str, list[int]] = defaultdict(list)
-    # Raw readings only: the router's aggregate records carry their source sensor's id.
-    for sensor, ts in db.execute("SELECT sensor_id, ts FROM records "
-                                 "WHERE kind NOT LIKE 'agg:%' ORDER BY pos"):
+    # Raw readings only: the router's aggregate records carry their source sensor's id, and
+    # the model runner's records are its own sensor's.
+    for sensor, ts in db.execute("SELECT sensor_id, ts FROM records WHERE kind NOT LIKE "
+                                 "'agg:%' AND sensor_id != ? ORDER BY pos", (MODEL_SENSOR,)):
         out[sensor].append(ts)
     db.close()
     return dict(out)

@@ -80,8 +80,13 @@ class GatewayUnderTest(GatewayProcess):
         super().__init__(config_path, str(tmp_path / "data"), port, str(tmp_path / "run.out"))
 
     def start(self, wait: bool = True) -> GatewayUnderTest:
+        earlier = self.pgid()
         super().start()
         if wait:
+            # After a SIGKILLed run the old actor system may still answer on the port: wait
+            # for this run's own actor system first.
+            wait_for(lambda: self.pgid() not in (None, earlier) or self.proc.poll() is not None,
+                     60, "the run to start its actor system")
             wait_for(lambda: self.tree_or_none(), 60, "the gateway to answer the inspector")
             wait_for(self.all_running, 60, "every actor to run")
         return self
