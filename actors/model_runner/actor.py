@@ -216,10 +216,9 @@ class ModelRunnerActor(ConsumerActor):
             figures += [("open_windows", self.runner.windows.open_windows()),
                         ("late", self.runner.windows.late)]
             figures += sorted(self.runner.counts.items())
-            lat = sorted(self.runner.latencies_us[-1000:])
+            lat = sorted(self.runner.latencies_us)
             if lat:
                 figures += [("latency_p50_us", lat[len(lat) // 2]),
                             ("latency_p99_us", lat[min(len(lat) - 1, len(lat) * 99 // 100)])]
-            del self.runner.latencies_us[:-1000]
         return figures
 

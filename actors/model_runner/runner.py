@@ -24,7 +24,7 @@ one event and a lasting fault one event per interval, not a P1 flood; the rest a
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,6 +45,7 @@ NORMAL = "normal"
 NO_MODEL = "no model is active (see `fleetgw model list`)"
 DEFAULT_EVENT_DEBOUNCE_NS = 10_000_000_000
 STATE_VERSION = 1
+LATENCY_SAMPLES = 1000
 
 
 @attrs.frozen
@@ -91,7 +92,8 @@ class ModelRunner:
         self.counts: Counter[str] = Counter()
         #: The reason inference-error records give while no model serves.
         self.no_model_reason = NO_MODEL
-        self.latencies_us: list[int] = []
+        #: The latest inference latencies (for the inspector's p50/p99).
+        self.latencies_us: deque[int] = deque(maxlen=LATENCY_SAMPLES)
 
     # ---- the data path ------------------------------------------------------------------
     def process(self, records: Iterable[Any]) -> list[Reading]:
