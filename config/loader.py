@@ -6,12 +6,14 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 from config.schema import FieldProblem, GatewayConfig
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -63,10 +65,11 @@ def _key(path: str) -> str:
     return path.removeprefix("$").removeprefix(".") or "<top level>"
 
 
-def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
-    """Validate a decoded TOML document. Raises ConfigError."""
+def structure_strict(data: dict[str, Any], cls: type[T], path: str = "<config>") -> T:
+    """``data`` (decoded TOML) as a ``cls`` instance: strict types, unknown keys refused.
+    Raises ConfigError listing every problem as 'key: what is wrong'."""
     try:
-        return _CONVERTER.structure(data, GatewayConfig)
+        return _CONVERTER.structure(data, cls)
     except ClassValidationError as exc:
         problems = []
         for line in cattrs.transform_error(exc, path="$", format_exception=_format):
@@ -79,6 +82,11 @@ def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
         raise ConfigError(path, problems) from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(path, [str(exc)]) from None
+
+
+def parse_config(data: dict[str, Any], path: str = "<config>") -> GatewayConfig:
+    """Validate a decoded TOML document. Raises ConfigError."""
+    return structure_strict(data, GatewayConfig, path)
 
 
 def read_toml(path: str, error: Callable[[str, list[str]], Exception]) -> dict[str, Any]:

@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data and training seed (default 20261127, the shipped model's)")
     mtrain.add_argument("--quick", action="store_true", help="a small data set (for tests)")
 
+    central = sub.add_parser("central", help="the central ingest receiver and its ClickHouse")
+    csub = central.add_subparsers(dest="central_command", required=True, metavar="ACTION")
+    cserve = csub.add_parser("serve", help="receive signed batches over HTTP(S) and store them")
+    cserve.add_argument("--config", required=True,
+                        help="central TOML config (see central/example.toml)")
+    cquery = csub.add_parser("query", help="run SQL against the configured backend and print "
+                                           "the result (chdb: not while `serve` holds the path)")
+    cquery.add_argument("sql", help="one SQL statement")
+    cquery.add_argument("--config", required=True, help="central TOML config")
+    cquery.add_argument("--format", default=None,
+                        help="ClickHouse output format (default PrettyCompactMonoBlock)")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures beside references")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bj = bsub.add_parser("journal", help="durable journaling through the actors vs raw apsw")
@@ -141,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds of their driving (default 60)")
     bm.add_argument("--admin-port", type=_port, default=19101)
     bm.add_argument("--json", action="store_true", help="print one JSON object")
+    bw = bsub.add_parser("wire", help="bytes a reading on the uplink's wire (fleetgw.cols/1 + "
+                         "zstd) beside gzip JSONEachRow, and encode/decode rates")
+    bw.add_argument("--seconds", type=_positive_float, default=600.0,
+                    help="seconds of the demo vehicle's driving (default 600)")
+    bw.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -172,11 +189,21 @@ def main(argv: list[str] | None = None) -> int:
         from tools.model_cmd import model_command
 
         return model_command(args)
+    if args.command == "central":
+        from tools.central_cmd import query_command, serve_command
+
+        if args.central_command == "serve":
+            return serve_command(args.config)
+        return query_command(args.config, args.sql, args.format)
     if args.command == "bench" and args.bench_command == "model":
         from tools.bench_model import bench_model_command
 
         return bench_model_command(args.model, args.seed, args.vehicles, args.seconds,
                                    args.admin_port, args.json)
+    if args.command == "bench" and args.bench_command == "wire":
+        from tools.bench_wire import bench_wire_command
+
+        return bench_wire_command(args.seconds, args.json)
     if args.command == "bench" and args.bench_command == "router":
         from tools.bench_router import bench_router_command
 
