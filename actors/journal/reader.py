@@ -500,6 +500,20 @@ class JournalReader:
     def verify(self) -> VerifyReport:
         return verify_journal(self._conn, self.path)
 
+    def read_lane(self, lane: str, device_id: str, after_seq: int, upto: Position,
+                  limit: int) -> list[Record]:
+        """See `read_lane` (the uplink's next batch of a device's lane)."""
+        return read_lane(self._conn, lane, device_id, after_seq, upto, limit)
+
+    def read_lane_range(self, lane: str, device_id: str, seq_lo: int,
+                        seq_hi: int) -> list[Record]:
+        """See `read_lane_range` (the records of a planned batch)."""
+        return read_lane_range(self._conn, lane, device_id, seq_lo, seq_hi)
+
+    def lane_backlog(self, lane: str, upto: Position) -> dict[str, int]:
+        """See `lane_backlog` (devices with unsynced records in the lane)."""
+        return lane_backlog(self._conn, lane, upto)
+
     def close(self) -> None:
         self._conn.close()
 
@@ -534,3 +548,49 @@ __all__ = [
     "read_consumer_state",
     "verify_journal",
 ]
+
+
+# ---- the uplink's view of a lane -----------------------------------------------------------------
+# All three probe the partial index records_lane(lane, device_id, seq): ``lane = ?`` implies
+# its ``lane IS NOT NULL``; pos and drop_reason are then checked on the rows the range yields.
+_LANE_COLUMNS = "pos, device_id, seq, sensor_id, ts, kind, payload"
+READ_LANE_SQL = (
+    f"SELECT {_LANE_COLUMNS} FROM records WHERE lane = ? AND device_id = ? AND seq > ? "
+    "AND pos <= ? AND drop_reason IS NULL ORDER BY seq LIMIT ?"
+)
+READ_LANE_RANGE_SQL = (
+    f"SELECT {_LANE_COLUMNS} FROM records WHERE lane = ? AND device_id = ? "
+    "AND seq BETWEEN ? AND ? AND drop_reason IS NULL ORDER BY seq"
+)
+# Devices first (CROSS JOIN keeps that order), then one index range per device.
+LANE_BACKLOG_SQL = """SELECT d.device_id, count(*) FROM devices d
+    LEFT JOIN watermarks w ON w.device_id = d.device_id AND w.lane = ?1
+    CROSS JOIN records r
+WHERE r.lane = ?1 AND r.device_id = d.device_id AND r.seq > coalesce(w.seq, 0)
+    AND r.pos <= ?2 AND r.drop_reason IS NULL
+GROUP BY d.device_id ORDER BY d.device_id"""
+
+
+def read_lane(conn: apsw.Connection, lane: str, device_id: str, after_seq: int,
+              upto: Position, limit: int) -> list[Record]:
+    """Up to ``limit`` records of ``device_id`` in ``lane`` with seq > ``after_seq``, in seq
+    order, not policy-dropped, at positions <= ``upto`` (the router's cursor: beyond it a
+    record may still be unrouted, and a lower seq could later land in this lane)."""
+    rows = conn.execute(READ_LANE_SQL, (lane, device_id, after_seq, upto.value, limit))
+    return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def read_lane_range(conn: apsw.Connection, lane: str, device_id: str, seq_lo: int,
+                    seq_hi: int) -> list[Record]:
+    """The records of ``device_id`` in ``lane`` with seqs ``seq_lo..seq_hi``, not dropped, in
+    seq order: a planned batch, read again to rebuild it. No position bound: a device's seqs
+    grow with positions, so every record up to a planned ``seq_hi`` was routed at planning."""
+    rows = conn.execute(READ_LANE_RANGE_SQL, (lane, device_id, seq_lo, seq_hi))
+    return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def lane_backlog(conn: apsw.Connection, lane: str, upto: Position) -> dict[str, int]:
+    """device_id -> how many of its records in ``lane`` are unsynced (seq above its watermark
+    for the lane), not dropped and at positions <= ``upto``; devices with none are left out.
+    One index range per device, so the cost is the unsynced records, not the lane's history."""
+    return dict(conn.execute(LANE_BACKLOG_SQL, (lane, upto.value)))

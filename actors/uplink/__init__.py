@@ -6,8 +6,12 @@ Built so far (issue 5, in progress):
 - `wire`: ``fleetgw.cols/1``, the column-wise, delta-encoded, lossless body (`varint`: its
   integer columns);
 - `link`: token buckets per link class with P1's reserved budget, sync windows, metered-link
-  rules, decorrelated-jitter backoff and the verdict of each failure.
+  rules, decorrelated-jitter backoff and the verdict of each failure;
+- `planner`: batch boundaries per (device, lane) in lane priority, bounded by the router's
+  cursor, persisted as consumer state before the first send and rebuilt byte-identically;
+- `client`: the pycurl POST (keep-alive, timeouts, mTLS) that never raises for the network;
+- `uplink`: `Uplink`, one send at a time: what to send next or why to wait, and what an
+  answer means (acknowledged: advance the watermark; retry; split; later).
 
-Next: the Uplink actor (lane cursors, batch boundaries persisted before the first send,
-pycurl with mTLS, watermarks back to the journal), provisioning and model updates over the air.
+Next: the Uplink actor shell in the tree, provisioning, model updates over the air, the demo.
 """
