@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import nacl.encoding
 import nacl.exceptions
 import nacl.signing
+
+from actors.durable import write_atomic
 
 #: Device ids that can name a file: `messages.readings.IDENT_RE` without "/".
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
@@ -80,21 +81,5 @@ class DeviceRegistry:
                 raise DeviceKeyError(f"device {device_id} is registered with another key "
                                      f"({path}); re-key it with replace=True")
         self.directory.mkdir(parents=True, exist_ok=True)
-        data = key.encode(nacl.encoding.HexEncoder) + b"\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{device_id}.", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, key.encode(nacl.encoding.HexEncoder) + b"\n")
         return path

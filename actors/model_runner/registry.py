@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 import nacl.signing
 
+from actors.durable import copy_durably, fsync_dir, write_atomic
 from actors.model_runner.manifest import (
     DEFAULT_TRUSTED_KEYS,
     MANIFEST,
@@ -122,31 +123,6 @@ class CheckReport:
 def _version_key(version: str) -> list[Any]:
     """Natural order: 2026.9.1 before 2026.11.1."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: write a temporary file, fsync, rename, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _copy_durably(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
-    with open(dst, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 class ModelRegistry:
@@ -384,8 +360,8 @@ class ModelRegistry:
         self.versions.mkdir(parents=True, exist_ok=True)
         try:
             for name in (*manifest["files"], MANIFEST, SIGNATURE):
-                _copy_durably(src / name, staged / name)
-            _fsync_dir(staged)
+                copy_durably(src / name, staged / name)
+            fsync_dir(staged)
             try:
                 same = model_sha256(verify_model_dir(staged, keys)) == sha
             except ManifestError:
@@ -401,7 +377,7 @@ class ModelRegistry:
             if dest.exists():  # the damaged copy of this same model
                 os.rename(dest, staging / f"{version}.damaged")
             os.rename(staged, dest)
-            _fsync_dir(self.versions)
+            fsync_dir(self.versions)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return InstallReport(version, dest, sha, False, result)
