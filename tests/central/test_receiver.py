@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +34,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 from actors.uplink.envelope import HEADER, PATH, SignedBatch, seal  # noqa: E402
 from actors.uplink.wire import WireRecord, encode  # noqa: E402
-from central.backend import ChdbBackend  # noqa: E402
 from central.config import ReceiverSettings, load_central_config  # noqa: E402
 from central.devices import DeviceKeyError, DeviceRegistry  # noqa: E402
 from central.receiver import HEALTH_PATH, Receiver, ReceiverServer, is_loopback  # noqa: E402
@@ -127,11 +125,8 @@ def nothing_stored(backend) -> bool:
 
 # ---- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture
-def backend(tmp_path) -> Iterator[ChdbBackend]:
-    backend = ChdbBackend(tmp_path / "central.chdb")
-    backend.ensure_schema()
-    yield backend
-    backend.close()
+def backend(chdb_backend):
+    return chdb_backend
 
 
 @pytest.fixture

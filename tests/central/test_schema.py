@@ -116,14 +116,6 @@ class _ClickHouseStandIn(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def chdb_backend(tmp_path) -> Iterator[ChdbBackend]:
-    backend = ChdbBackend(tmp_path / "central.chdb")
-    backend.ensure_schema()
-    yield backend
-    backend.close()
-
-
 @pytest.fixture(params=["chdb", "http"])
 def backend(request, chdb_backend) -> Iterator[ClickHouseBackend]:
     if request.param == "chdb":

@@ -96,11 +96,8 @@ class Central(ReceiverServer):
 
 
 @pytest.fixture
-def backend(tmp_path: Path) -> Iterator[ChdbBackend]:
-    backend = ChdbBackend(tmp_path / "central.chdb")
-    backend.ensure_schema()
-    yield backend
-    backend.close()
+def backend(chdb_backend):
+    return chdb_backend
 
 
 @pytest.fixture

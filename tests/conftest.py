@@ -1,0 +1,18 @@
+"""Fixtures shared across test packages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture
+def chdb_backend(tmp_path) -> Iterator:
+    """The central side's embedded ClickHouse in ``tmp_path``, with the schema created."""
+    from central.backend import ChdbBackend
+
+    backend = ChdbBackend(tmp_path / "central.chdb")
+    backend.ensure_schema()
+    yield backend
+    backend.close()
