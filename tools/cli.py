@@ -126,6 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
     cquery.add_argument("--format", default=None,
                         help="ClickHouse output format (default PrettyCompactMonoBlock)")
 
+    provision = sub.add_parser("provision", help="the fleet CA, the receiver's TLS certificate "
+                                                 "and device keys (mTLS, batch signing)")
+    prsub = provision.add_subparsers(dest="provision_command", required=True, metavar="ACTION")
+    prca = prsub.add_parser("ca", help="create the fleet CA (ca.key, ca.crt)")
+    prca.add_argument("--dir", required=True, help="directory for ca.key and ca.crt")
+    prca.add_argument("--force", action="store_true",
+                      help="replace an existing CA (everything it issued must be reissued)")
+    prserver = prsub.add_parser("server", help="the receiver's TLS key and certificate")
+    prserver.add_argument("--ca", required=True, metavar="DIR", help="the CA directory")
+    prserver.add_argument("--out", required=True, metavar="DIR",
+                          help="directory for receiver.key, receiver.crt and ca.crt")
+    prserver.add_argument("--host", action="extend", nargs="+", default=None, metavar="H",
+                          help="IP address or DNS name gateways reach it at (repeatable; "
+                               "default: 127.0.0.1 localhost)")
+    prserver.add_argument("--force", action="store_true",
+                          help="replace an existing receiver key and certificate")
+    prdevice = prsub.add_parser("device", help="a device's Ed25519 key (batch signing and "
+                                               "TLS client key) and client certificate")
+    prdevice.add_argument("--id", required=True, help="the device id (its certificate's CN)")
+    prdevice.add_argument("--ca", required=True, metavar="DIR", help="the CA directory")
+    prdevice.add_argument("--out", required=True, metavar="DIR",
+                          help="directory for ID.key, ID.crt and ca.crt (the gateway's keys)")
+    prdevice.add_argument("--devices-dir", default=None, metavar="DIR",
+                          help="register the public key in the receiver's devices directory")
+    prdevice.add_argument("--replace", action="store_true",
+                          help="re-key a device that has a key or is registered")
+
+    recon = sub.add_parser("reconcile", help="per device: what the journal synced beside what "
+                           "central holds (FINAL, raw, duplicates); exit 1 if I5 fails")
+    recon.add_argument("--data-dir", default="data", help="the gateway's data dir (journal.db)")
+    recon.add_argument("--central-config", required=True, metavar="FILE",
+                       help="the receiver's TOML config (its backend is read; stop a chdb "
+                            "receiver first: one process owns its path)")
+    recon.add_argument("--json", action="store_true", help="print JSON rows")
+
     bench = sub.add_parser("bench", help="benchmarks that print figures beside references")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
     bj = bsub.add_parser("journal", help="durable journaling through the actors vs raw apsw")
@@ -189,12 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         from tools.model_cmd import model_command
 
         return model_command(args)
+    if args.command == "reconcile":
+        from tools.reconcile import reconcile_command
+
+        return reconcile_command(args.data_dir, args.central_config, args.json)
     if args.command == "central":
         from tools.central_cmd import query_command, serve_command
 
         if args.central_command == "serve":
             return serve_command(args.config)
         return query_command(args.config, args.sql, args.format)
+    if args.command == "provision":
+        from tools.provision_cmd import provision_command
+
+        return provision_command(args)
     if args.command == "bench" and args.bench_command == "model":
         from tools.bench_model import bench_model_command
 

@@ -514,6 +514,10 @@ class JournalReader:
         """See `lane_backlog` (devices with unsynced records in the lane)."""
         return lane_backlog(self._conn, lane, upto)
 
+    def sync_counts(self) -> dict[str, tuple[int, int, int | None]]:
+        """See `sync_counts` (reconciliation with central)."""
+        return sync_counts(self._conn)
+
     def close(self) -> None:
         self._conn.close()
 
@@ -587,6 +591,23 @@ def read_lane_range(conn: apsw.Connection, lane: str, device_id: str, seq_lo: in
     grow with positions, so every record up to a planned ``seq_hi`` was routed at planning."""
     rows = conn.execute(READ_LANE_RANGE_SQL, (lane, device_id, seq_lo, seq_hi))
     return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+SYNC_COUNTS_SQL = """SELECT r.device_id, count(*), count(*) FILTER (WHERE r.seq <= w.seq),
+    min(r.ts) FILTER (WHERE w.seq IS NULL OR r.seq > w.seq)
+FROM records r LEFT JOIN watermarks w ON w.device_id = r.device_id AND w.lane = r.lane
+WHERE r.lane IN ('P1', 'P2', 'P3') AND r.drop_reason IS NULL
+GROUP BY r.device_id ORDER BY r.device_id"""
+
+
+def sync_counts(conn: apsw.Connection) -> dict[str, tuple[int, int, int | None]]:
+    """device_id -> (syncable, synced, ts of the oldest unsynced or None) over the records
+    present: syncable = in a synced lane and not policy-dropped; synced = also at or below its
+    lane's watermark (acknowledged by central). Records eviction removed are not counted (the
+    journal's ``drops`` table counts them per lane). One scan: an operator's question."""
+    with read_snapshot(conn):
+        return {d: (n, synced or 0, oldest) for d, n, synced, oldest in conn.execute(
+            SYNC_COUNTS_SQL)}
 
 
 def lane_backlog(conn: apsw.Connection, lane: str, upto: Position) -> dict[str, int]:
