@@ -18,6 +18,8 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 SENSOR_KINDS = ("imu", "gps", "engine")
 SENSOR_TYPES = ("sim",)
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+UPLINK_MODES = ("receiver", "direct")
+SYNCED_LANES = ("P1", "P2", "P3")
 
 
 class FieldProblem(ValueError):
@@ -211,6 +213,124 @@ class ModelSettings:
 
 
 @attrs.frozen
+class LinkClassSettings:
+    """[[uplink.links]]: a kind of link the gateway may be on (wifi, cellular, satellite)."""
+
+    #: The class's name (``[uplink] link`` or the ``link_file`` names the current one).
+    name: str = attrs.field(validator=_ident)
+    #: Bytes/s P2 and P3 may use on this link; 0 means unlimited.
+    rate_bytes_s: float = attrs.field(default=0.0, validator=_non_negative)
+    #: Bytes the budget may save up (a burst); a batch larger than this goes when the bucket
+    #: is full and leaves it in debt.
+    burst_bytes: float = attrs.field(default=1 << 20, validator=_positive)
+    #: A metered link carries only the lanes in ``[uplink] metered_lanes`` (P1 always).
+    metered: bool = False
+
+
+def _lanes(inst: Any, attr: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for lane in value:
+        if lane not in SYNCED_LANES:
+            raise FieldProblem(attr.name, f"must name lanes from {', '.join(SYNCED_LANES)} "
+                                          f"(got {lane!r})")
+
+
+def _window(inst: Any, attr: attrs.Attribute, value: tuple[str, ...]) -> None:
+    from actors.uplink.link import parse_window
+
+    for text in value:
+        try:
+            parse_window(text)
+        except ValueError as exc:
+            raise FieldProblem(attr.name, f"must hold HH:MM-HH:MM windows: {exc}") from None
+
+
+@attrs.frozen
+class UplinkSettings:
+    """[uplink]: delayed sync of the P1/P2/P3 lanes to central (no ``url``: no uplink; the
+    journal keeps everything, within its disk budget)."""
+
+    #: ``receiver``: signed batches to a fleetgw receiver (`fleetgw central serve`);
+    #: ``direct``: INSERTs straight into a ClickHouse server's HTTP interface.
+    mode: str = attrs.field(default="receiver", validator=_one_of(UPLINK_MODES))
+    #: The receiver's (or ClickHouse's) base URL, e.g. ``https://central.example:18443``.
+    #: Empty: no uplink runs.
+    url: str = ""
+    #: The gateway's id in central's audit columns; empty means [gateway].device_id.
+    gateway_id: str = attrs.field(default="")
+    #: Directory of device signing keys ``<device_id>.key`` (`fleetgw provision device`);
+    #: empty means DATA_DIR/keys.
+    keys_dir: str = ""
+    #: mTLS: the gateway's client certificate and key, and the CA that signed the receiver's
+    #: certificate (PEM files; all three or none).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    #: direct mode: the ClickHouse database, user, and the NAME of the environment variable
+    #: holding the password (never the password itself: config files get copied around).
+    database: str = "fleetgw"
+    user: str = "default"
+    password_env: str = ""
+    #: The link class in use (one of ``links``) ...
+    link: str = "default"
+    #: ... or a file whose first line names it (written by the network manager's hook);
+    #: read before every send, so a link change takes effect at once. Empty: ``link`` only.
+    link_file: str = ""
+    #: The link classes; the default is one unmetered, unlimited class named "default".
+    links: tuple[LinkClassSettings, ...] = (LinkClassSettings("default"),)
+    #: Lanes a metered link carries (P1 always).
+    metered_lanes: tuple[str, ...] = attrs.field(default=("P1",), validator=_lanes)
+    #: P1's own reserved budget, bytes/s and burst (P1 never waits behind P2/P3 bytes).
+    p1_rate_bytes_s: float = attrs.field(default=64 << 10, validator=_non_negative)
+    p1_burst_bytes: float = attrs.field(default=1 << 20, validator=_positive)
+    #: Daily UTC windows when P2 and P3 may sync, e.g. ["22:00-06:00"]; empty: always.
+    windows: tuple[str, ...] = attrs.field(default=(), validator=_window)
+    #: Backoff after a failed send: decorrelated jitter between these, seconds.
+    backoff_base_s: float = attrs.field(default=1.0, validator=_positive)
+    backoff_cap_s: float = attrs.field(default=300.0, validator=_positive)
+    #: Records per batch at most, and about this many uncompressed wire bytes.
+    max_records: int = attrs.field(default=5000, validator=_positive)
+    max_raw_bytes: int = attrs.field(default=8 << 20, validator=_positive)
+    #: Seconds a P2 / P3 backlog short of a full batch waits for more records before it is
+    #: sent (fewer, larger batches: less overhead per record); P1 never waits.
+    p2_linger_s: float = attrs.field(default=2.0, validator=_non_negative)
+    p3_linger_s: float = attrs.field(default=10.0, validator=_non_negative)
+    #: pycurl timeouts, seconds.
+    connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    total_timeout_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Seconds between looks at the journal when nothing woke the uplink.
+    poll_s: float = attrs.field(default=1.0, validator=_positive)
+    #: Fetch newer signed models from the receiver (receiver mode), every ``model_check_s``.
+    model_updates: bool = True
+    model_check_s: float = attrs.field(default=3600.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise FieldProblem("url", f"must be an http:// or https:// URL (got {self.url!r})")
+        tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
+        if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
+            missing = ", ".join(k for k in ("tls_cert", "tls_key") if not tls[k])
+            raise FieldProblem(missing, "must be set too: a client certificate needs its key")
+        names = [c.name for c in self.links]
+        if len(set(names)) != len(names):
+            raise FieldProblem("links", f"names must be unique (got {names})")
+        if not self.link_file and self.link not in names:
+            raise FieldProblem("link", f"must name one of links ({', '.join(names)}) "
+                                       f"(got {self.link!r})")
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise FieldProblem("backoff_cap_s", f"must be >= backoff_base_s "
+                                                f"({self.backoff_base_s})")
+
+    @gateway_id.validator
+    def _check_gateway(self, attr: attrs.Attribute, value: str) -> None:
+        if value:
+            _ident(self, attr, value)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@attrs.frozen
 class GatewayConfig:
     """The whole gateway configuration (one TOML file)."""
 
@@ -219,6 +339,7 @@ class GatewayConfig:
     supervision: SupervisionSettings = SupervisionSettings()
     router: RouterSettings = RouterSettings()
     model: ModelSettings = ModelSettings()
+    uplink: UplinkSettings = UplinkSettings()
     sensors: tuple[SensorSettings, ...] = attrs.field(default=())
 
     @sensors.validator

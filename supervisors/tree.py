@@ -7,11 +7,13 @@
     └── processing     Supervisor(one_for_one)
           ├── router   RouterActor — puts every record in a lane (policy engine)
           └── model    ModelRunnerActor — safety rules + OpenVINO inference of device windows
+    └── uplink         UplinkActor — syncs P1/P2/P3 to central (only with [uplink] url)
 
 The journal comes first: sensors and consumers need its address, and in an orderly stop
 (reverse order) the router closes its windows and the sensors drain into the journal before it
-closes. one_for_one at the root: when the journal
-restarts, sensors keep their unacknowledged batches and resend them to its new address.
+closes; the uplink, last, stops first. one_for_one at the root: when the journal restarts,
+sensors keep their unacknowledged batches and resend them to its new address, and the uplink
+resends what it had in flight.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ JOURNAL_CLASS = "actors.journal.actor.JournalWriter"
 SUPERVISOR_CLASS = "supervisors.supervisor.Supervisor"
 ROUTER_CLASS = "actors.router.actor.RouterActor"
 MODEL_CLASS = "actors.model_runner.actor.ModelRunnerActor"
+UPLINK_CLASS = "actors.uplink.actor.UplinkActor"
 #: Niceness of the journal consumers (router, model runner): they yield the CPU to sensors
 #: and the journal (I6). The router catches up at 3x ingest, the model runner much faster.
 CONSUMER_NICE = 10
+#: The uplink yields to sensors and the journal too, but less: P1 goes out now.
+UPLINK_NICE = 5
 
 
 def sensor_name(sensor_id: str) -> str:
@@ -100,4 +105,12 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             settings=SupervisorSpec(flags(Strategy.ONE_FOR_ONE), processing),
         ),
     )
+    if config.uplink.enabled:
+        uplink = config.uplink
+        if not uplink.gateway_id:
+            uplink = attrs.evolve(uplink, gateway_id=config.gateway.device_id)
+        children += (ChildSpec(name="uplink", actor_class=UPLINK_CLASS,
+                               restart=Restart.PERMANENT, shutdown_timeout_s=5.0,
+                               heartbeat_timeout_s=sup.heartbeat_timeout_s, settings=uplink,
+                               nice=UPLINK_NICE),)
     return SupervisorSpec(flags(Strategy.ONE_FOR_ONE), children)

@@ -98,12 +98,19 @@ def status_line(root: ActorNode) -> str:
         events = sum(v for k, v in m.items() if k.startswith("event_"))
         served = (f" model={m.get('model', '?')} inferences={m.get('inferences', 0)} "
                   f"safety_events={events} model_backlog={m.get('backlog', '?')}")
+    uplink = find(root, "uplink")
+    synced = ""
+    if uplink is not None:
+        u = dict(uplink.figures)
+        synced = (f" uplink_synced={u.get('synced_records', 0)} "
+                  f"uplink_pending={u.get('pending', '?')} "
+                  f"uplink_waiting=\"{u.get('waiting', '?')}\"")
     return (
         f"status: journal records={figures.get('records', '?')} "
         f"commits/s={figures.get('commits_per_s', '?')} "
         f"last_commit_age_s={figures.get('last_commit_age_s', '?')} "
         f"sensors={up}/{len(sensors)} unacked_batches={unacked} router_backlog={backlog}"
-        f"{served} restarts={restarts}"
+        f"{served}{synced} restarts={restarts}"
     )
 
 

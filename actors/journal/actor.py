@@ -33,7 +33,8 @@ from messages.journal import (
 from messages.supervision import StopChild
 
 #: Peers that consume the journal and want NewRecords (later issues add them to the tree).
-CONSUMER_PEERS = ("router", "model", "uplink")
+UPLINK = "uplink"
+CONSUMER_PEERS = ("router", "model", UPLINK)
 
 
 def journal_path(data_dir: str) -> str:
@@ -90,8 +91,8 @@ class JournalWriter(SupervisedActor):
         self.last_commit_mono = now
         self.commit_times.append(now)
 
-    def notify_consumers(self, upto: Any) -> None:
-        for name in CONSUMER_PEERS:
+    def notify_consumers(self, upto: Any, names: tuple[str, ...] = CONSUMER_PEERS) -> None:
+        for name in names:
             address = self.peers.get(name)
             if address is not None:
                 self.send(address, NewRecords(upto))
@@ -122,6 +123,8 @@ class JournalWriter(SupervisedActor):
             self.committed(len(msg.outputs) if msg.outputs is not None else 0)
             if msg.outputs is not None:
                 self.notify_consumers(self.journal.last_position())
+            elif msg.decisions is not None:  # newly routed records: the uplink may send them
+                self.notify_consumers(self.journal.last_position(), (UPLINK,))
         self.send(sender, reply)
 
     def receiveMsg_AdvanceWatermark(self, msg: AdvanceWatermark, sender: Any) -> None:

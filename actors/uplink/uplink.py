@@ -31,7 +31,7 @@ refusal -> that key alone backs off, at least `LATER_MIN_S`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import attrs
 import nacl.signing
@@ -39,6 +39,7 @@ import nacl.signing
 from actors.journal.reader import JournalReader
 from actors.uplink.client import BatchSink, PostResult
 from actors.uplink.envelope import SignedBatch
+from actors.uplink.keys import KeyRing
 from actors.uplink.link import LATER, RETRY, SPLIT, Backoff, LinkBudget, SyncWindows, classify
 from actors.uplink.planner import (
     SYNCED_LANES,
@@ -53,11 +54,13 @@ CONSUMER = "uplink"
 #: How long to wait when nothing is pending, or a lane is closed by window or link rules
 #: (the actor also wakes on NewRecords).
 IDLE_S = 5.0
-#: The least back-off after a refusal by the receiver (operator attention needed).
+#: The least back-off after a refusal by the receiver (operator attention needed), unless the
+#: backoff's cap is lower.
 LATER_MIN_S = 60.0
 #: The receiver's success statuses (`central.receiver`).
 STORED = ("ok", "duplicate")
 HTTP_OK, HTTP_CONFLICT = 200, 409
+NOTHING = "nothing to send"
 ACKED = "acked"
 
 
@@ -96,12 +99,16 @@ class Uplink:
 
     def __init__(self, reader: JournalReader, planner: BatchPlanner, client: BatchSink,
                  budget: LinkBudget, windows: SyncWindows, backoff: Backoff,
-                 signing_key: nacl.signing.SigningKey, gateway_id: str, link_class: str,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 keys: KeyRing | nacl.signing.SigningKey, gateway_id: str, link_class: str,
+                 wall_clock: Callable[[], float] = time.time,
+                 linger_s: Mapping[str, float] | None = None) -> None:
         self.reader, self.planner, self.client = reader, planner, client
         self.budget, self.windows, self.backoff = budget, windows, backoff
-        self.signing_key, self.gateway_id, self.link_class = signing_key, gateway_id, link_class
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing.single(keys)
+        self.gateway_id, self.link_class = gateway_id, link_class
         self.wall_clock = wall_clock
+        self.linger_s = dict(linger_s or {})
+        self._backlog_since: dict[tuple[str, str], float] = {}
         self._signed: dict[PlannedBatch, SignedBatch | None] = {}
         self._finished: set[PlannedBatch] = set()  # split or fully evicted: drop from state
         self._link_hold = (0.0, "")
@@ -119,15 +126,37 @@ class Uplink:
         return [b for b in stored if b not in self._finished
                 and b.seq_hi > marks.get(b.device_id, {}).get(b.lane, 0)]
 
-    def plan(self) -> str | None:
+    def plan(self, now: float | None = None) -> str | None:
         """The pending state to commit before sending (acknowledged and finished batches
-        dropped, new ones planned); None when the stored state is already that."""
+        dropped, new ones planned); None when the stored state is already that. A lane with a
+        ``linger_s`` plans a batch short of its size only once its backlog is that old."""
         stored = self.pending()
         live = self._live(stored)
-        pending = live + self.planner.next_batches(self.reader, pending=live)
+        new = self.planner.next_batches(self.reader, pending=live)
+        pending = live + self._ripe(new, time.monotonic() if now is None else now)
         self._finished &= set(stored)
         self._signed = {b: s for b, s in self._signed.items() if b in pending}
         return None if pending == stored else pending_to_state(pending)
+
+    def _ripe(self, batches: list[PlannedBatch], now: float) -> list[PlannedBatch]:
+        """The batches to plan now: full ones, and those of keys whose backlog waited its
+        lane's linger (fewer, larger batches: less overhead per record on the link)."""
+        keys = {b.key for b in batches}
+        self._backlog_since = {k: t for k, t in self._backlog_since.items() if k in keys}
+        ripe = []
+        for batch in batches:
+            linger = self.linger_s.get(batch.lane, 0.0)
+            since = self._backlog_since.setdefault(batch.key, now)
+            if batch.count >= self.planner.max_records[batch.lane] or now - since >= linger:
+                ripe.append(batch)
+                del self._backlog_since[batch.key]
+        return ripe
+
+    def linger_wait_s(self, now: float) -> float | None:
+        """Seconds until the first lingering backlog is ripe (None: none lingers)."""
+        waits = [self.linger_s.get(lane, 0.0) - (now - since)
+                 for (_, lane), since in self._backlog_since.items()]
+        return max(0.0, min(waits)) if waits else None
 
     def next_send(self, now: float) -> Send | Wait:
         """The next persisted batch the link policy lets go now (its bytes are then spent from
@@ -149,7 +178,11 @@ class Uplink:
                 waits.append(Wait(hold_until - now, why))
             elif closed:
                 waits.append(Wait(IDLE_S, closed))
-            elif (signed := self._build(batch)) is None:
+            elif isinstance(key := self.keys.key(batch.device_id), str):
+                later = min(LATER_MIN_S, self.backoff.cap_s)
+                self._key_holds[batch.key] = (now + later, key)
+                waits.append(Wait(later, key))
+            elif (signed := self._build(batch, key)) is None:
                 self._finished.add(batch)  # nothing left of it: dropped at the next plan
             elif (wait_s := self.budget.wait_s(self.link_class, batch.lane,
                                                len(signed.body))) > 0:
@@ -159,17 +192,16 @@ class Uplink:
                 self._sends += 1
                 self._sent_at[batch.key] = self._sends
                 return Send(batch, signed)
-        return min(waits, key=lambda w: w.seconds, default=Wait(IDLE_S, "nothing to send"))
+        return min(waits, key=lambda w: w.seconds, default=Wait(IDLE_S, NOTHING))
 
     def _priority(self, batch: PlannedBatch) -> tuple[int, int, str]:
         return (SYNCED_LANES.index(batch.lane), self._sent_at.get(batch.key, 0),
                 batch.device_id)
 
-    def _build(self, batch: PlannedBatch) -> SignedBatch | None:
+    def _build(self, batch: PlannedBatch, key: nacl.signing.SigningKey) -> SignedBatch | None:
         """The batch's signed form, built once while it is pending (a rebuild is identical)."""
         if batch not in self._signed:
-            self._signed[batch] = self.planner.build(self.reader, batch, self.signing_key,
-                                                     self.gateway_id)
+            self._signed[batch] = self.planner.build(self.reader, batch, key, self.gateway_id)
         return self._signed[batch]
 
     def send_one(self, now: float) -> Outcome | Wait:
@@ -209,6 +241,6 @@ class Uplink:
         if verdict_action == RETRY:
             self._link_hold = (now + delay, reason)
         else:  # LATER, or a one-record batch that is too large
-            delay = max(LATER_MIN_S, delay)
+            delay = max(min(LATER_MIN_S, self.backoff.cap_s), delay)
             self._key_holds[batch.key] = (now + delay, reason)
         return Outcome(RETRY, batch, reason, retry_after_s=delay)

@@ -1,0 +1,308 @@
+"""UplinkActor: the actor that syncs the P1/P2/P3 lanes to central (data path step 6).
+
+A thin shell over `Uplink` (uplink.py), one thing in flight at a time:
+
+1. ``uplink.plan()``; a changed plan is committed to the journal as a state-only
+   ``ConsumerCommit("uplink", ...)`` and the actor waits for ``ConsumerCommitted`` — batch
+   boundaries are durable before their first send, so a retry after any crash (SIGKILL in the
+   middle of a POST included) resends the identical batch, which central stores once (I5);
+2. ``uplink.next_send(now)``: a batch goes to the POST worker thread (pycurl blocks; the actor
+   keeps answering heartbeats and looks at the POST every `POST_POLL_S`), or the actor waits —
+   for the link budget, a backoff, a sync window — at most ``poll_s``, or until the journal
+   says ``NewRecords`` (the router routed more);
+3. the answer, judged by ``uplink.on_result``: acknowledged -> ``AdvanceWatermark`` to the
+   journal (which may then evict those records, I7) and wait for ``WatermarkAdvanced``; retry,
+   split or later -> back to 1.
+
+The journal is the only state: after a restart the actor reads its pending batches and the
+watermarks back and continues. An orderly stop does not wait for a POST in flight: whatever it
+stored is a duplicate when resent. Every few checks it also advances a `ModelUpdater` (newer
+signed models from the receiver, within the link budget) in the same worker thread, between
+sends.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+
+from actors.base import SupervisedActor, log
+from actors.journal.actor import journal_path
+from actors.journal.consumer import RESEND_AFTER_S, TRANSIENT_REFUSALS
+from actors.journal.reader import JournalReader
+from actors.journal.schema import JournalError
+from actors.uplink.client import BatchSink, UplinkClient
+from actors.uplink.keys import KeyRing
+from actors.uplink.link import Backoff, LinkBudget, LinkClass, SyncWindows
+from actors.uplink.planner import BatchPlanner
+from actors.uplink.uplink import ACKED, CONSUMER, NOTHING, SPLIT, Send, Uplink, Wait
+from config.schema import UplinkSettings
+from messages.journal import (
+    AdvanceWatermark,
+    ConsumerCommit,
+    ConsumerCommitRefused,
+    ConsumerCommitted,
+    NewRecords,
+    WatermarkAdvanced,
+    WatermarkRefused,
+)
+from messages.supervision import StopChild
+
+#: Seconds between looks at the POST in flight.
+POST_POLL_S = 0.005
+DIRECT = "direct"
+
+
+def current_link(settings: UplinkSettings) -> str | None:
+    """The link class in use: the first line of ``link_file`` when configured (None: the file
+    is missing or empty — no link), else ``link``."""
+    if not settings.link_file:
+        return settings.link
+    try:
+        with open(settings.link_file) as f:
+            name = f.readline().strip()
+    except OSError:
+        return None
+    return name or None
+
+
+def make_sink(settings: UplinkSettings) -> BatchSink:
+    """The uplink's `BatchSink` for its mode."""
+    if settings.mode == DIRECT:
+        from actors.uplink.direct import DirectSink
+
+        password = os.environ.get(settings.password_env, "") if settings.password_env else ""
+        return DirectSink(settings.url, settings.database, user=settings.user,
+                          password=password, tls_ca=settings.tls_ca or None,
+                          connect_timeout_s=settings.connect_timeout_s,
+                          total_timeout_s=settings.total_timeout_s)
+    return UplinkClient(settings.url, tls_cert=settings.tls_cert or None,
+                        tls_key=settings.tls_key or None, tls_ca=settings.tls_ca or None,
+                        connect_timeout_s=settings.connect_timeout_s,
+                        total_timeout_s=settings.total_timeout_s)
+
+
+def make_budget(settings: UplinkSettings) -> LinkBudget:
+    return LinkBudget([LinkClass(c.name, c.rate_bytes_s, c.burst_bytes, c.metered)
+                       for c in settings.links],
+                      settings.p1_rate_bytes_s, settings.p1_burst_bytes, settings.metered_lanes)
+
+
+class UplinkActor(SupervisedActor):
+    """Syncs the journal's lanes to central under the link policy."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reader: JournalReader | None = None
+        self.uplink: Uplink | None = None
+        self.sink: BatchSink | None = None
+        self.keys: KeyRing | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.commit: ConsumerCommit | None = None
+        self.post: Future | None = None
+        self.sending: Send | None = None
+        self.watermark: AdvanceWatermark | None = None
+        self.sent_at = 0.0  # of the commit or watermark in flight
+        self.stopped = False
+        self.waiting = "starting"
+        self.last_problem = ""
+        self.counts = {"sent": 0, "acked": 0, "synced_records": 0, "bytes_sent": 0,
+                       "failures": 0, "splits": 0, "state_commits": 0}
+
+    def on_init(self) -> None:
+        s: UplinkSettings = self.settings
+        self.sink = make_sink(s)
+        if s.mode == DIRECT:  # ClickHouse checks no signatures: sign with a throwaway key
+            self.keys = KeyRing.single(nacl.signing.SigningKey.generate())
+        else:
+            self.keys = KeyRing(s.keys_dir or Path(self.data_dir or ".") / "keys")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-post")
+        log().info("uplink to %s (%s mode, link %s)", s.url, s.mode,
+                   s.link_file or s.link)
+        self.start_timer("resend", RESEND_AFTER_S)
+        self.step()
+
+    # ---- the loop -------------------------------------------------------------------------
+    def busy(self) -> bool:
+        return (self.commit is not None or self.post is not None
+                or self.watermark is not None)
+
+    def open(self) -> bool:
+        """Open the journal read-only and build the `Uplink` (the journal may still be
+        creating its file: then try again at the next step)."""
+        if self.uplink is not None:
+            return True
+        try:
+            self.reader = JournalReader(journal_path(self.data_dir))
+        except JournalError:
+            return False
+        s: UplinkSettings = self.settings
+        assert self.sink is not None and self.keys is not None
+        self.uplink = Uplink(self.reader, BatchPlanner(s.max_records, s.max_raw_bytes),
+                             self.sink, make_budget(s), SyncWindows(s.windows),
+                             Backoff(s.backoff_base_s, s.backoff_cap_s), self.keys,
+                             s.gateway_id, s.link,
+                             linger_s={"P2": s.p2_linger_s, "P3": s.p3_linger_s})
+        log().info("uplink resumes with %d pending batches", len(self.uplink.pending()))
+        return True
+
+    def step(self) -> None:
+        """Do the next thing: persist a changed plan, send a batch, or wait."""
+        if self.stopped or self.busy():
+            return
+        s: UplinkSettings = self.settings
+        if not self.open():
+            self.wait("the journal is not open yet", s.poll_s)
+            return
+        assert self.uplink is not None and self.reader is not None
+        now = time.monotonic()
+        state = self.uplink.plan(now)
+        if state is not None:
+            cursor = self.reader.consumer_state(CONSUMER)[0]
+            self.commit = ConsumerCommit(CONSUMER, random.SystemRandom().getrandbits(62),
+                                         cursor, cursor, state=state)
+            self.send_in_flight()
+            return
+        link = current_link(s)
+        if link is None:
+            self.wait(f"no link ({s.link_file} names none)", s.poll_s)
+            return
+        self.uplink.link_class = link
+        choice = self.uplink.next_send(now)
+        if isinstance(choice, Wait):
+            linger = self.uplink.linger_wait_s(now)
+            if linger is not None and linger < choice.seconds:
+                choice = Wait(linger, "a lane's backlog lingers for a fuller batch"
+                              if choice.reason == NOTHING else choice.reason)
+            self.wait(choice.reason, choice.seconds)
+            return
+        assert self.pool is not None and self.sink is not None
+        self.waiting = "sending"
+        self.sending = choice
+        self.post = self.pool.submit(self.sink.post, choice.signed)
+        self.start_timer("post", POST_POLL_S)
+
+    def wait(self, reason: str, seconds: float) -> None:
+        self.waiting = reason
+        self.start_timer("step", min(seconds, self.settings.poll_s))
+
+    def on_timer_step(self) -> None:
+        self.step()
+
+    def receiveMsg_NewRecords(self, msg: NewRecords, sender: Any) -> None:
+        self.step()
+
+    def on_timer_post(self) -> None:
+        if self.post is None:
+            return
+        if not self.post.done():
+            self.start_timer("post", POST_POLL_S)
+            return
+        post, send = self.post, self.sending
+        self.post = self.sending = None
+        assert send is not None and self.uplink is not None
+        result = post.result()  # the sink never raises for the network: anything else crashes
+        self.counts["sent"] += 1
+        self.counts["bytes_sent"] += result.sent_bytes
+        outcome = self.uplink.on_result(send, result, time.monotonic())
+        batch = outcome.batch
+        if outcome.action == ACKED:
+            self.counts["acked"] += 1
+            self.counts["synced_records"] += batch.count
+            self.watermark = AdvanceWatermark(batch.device_id, batch.lane,
+                                              outcome.watermark or batch.seq_hi,
+                                              random.SystemRandom().getrandbits(62))
+            self.send_in_flight()
+            return
+        if outcome.action == SPLIT:
+            self.counts["splits"] += 1
+        else:
+            self.counts["failures"] += 1
+        if outcome.reason != self.last_problem:
+            log().warning("uplink: %s/%s %d..%d: %s (next try in %.1f s)", batch.device_id,
+                          batch.lane, batch.seq_lo, batch.seq_hi, outcome.reason,
+                          outcome.retry_after_s)
+        self.last_problem = outcome.reason
+        self.step()
+
+    # ---- the journal's answers ------------------------------------------------------------
+    def send_in_flight(self) -> None:
+        journal = self.peers.get("journal")
+        message = self.commit or self.watermark
+        if journal is not None and message is not None:
+            self.sent_at = time.monotonic()
+            self.send(journal, message)
+
+    def on_timer_resend(self) -> None:
+        if self.busy() and self.post is None and time.monotonic() - self.sent_at > RESEND_AFTER_S:
+            self.send_in_flight()
+        self.start_timer("resend", RESEND_AFTER_S)
+
+    def on_peers_changed(self, names: set[str]) -> None:
+        if "journal" in names:
+            self.send_in_flight()  # the journal restarted: what was in flight may be lost
+
+    def receiveMsg_ConsumerCommitted(self, msg: ConsumerCommitted, sender: Any) -> None:
+        if self.commit is None or msg.request_id != self.commit.request_id:
+            return  # a duplicate answer
+        self.commit = None
+        self.counts["state_commits"] += 1
+        self.step()
+
+    def receiveMsg_ConsumerCommitRefused(self, msg: ConsumerCommitRefused, sender: Any) -> None:
+        if self.commit is None or msg.request_id != self.commit.request_id:
+            return
+        if msg.reason.startswith(TRANSIENT_REFUSALS):
+            self.sent_at = time.monotonic()  # kept; resent after RESEND_AFTER_S
+            return
+        log().warning("uplink state commit refused (%s); planning again", msg.reason)
+        self.commit = None
+        self.step()
+
+    def receiveMsg_WatermarkAdvanced(self, msg: WatermarkAdvanced, sender: Any) -> None:
+        if self.watermark is None or msg.request_id != self.watermark.request_id:
+            return
+        self.watermark = None
+        self.step()
+
+    def receiveMsg_WatermarkRefused(self, msg: WatermarkRefused, sender: Any) -> None:
+        if self.watermark is None or msg.request_id != self.watermark.request_id:
+            return
+        if msg.reason.startswith(TRANSIENT_REFUSALS):
+            self.sent_at = time.monotonic()  # kept; resent after RESEND_AFTER_S
+            return
+        # Refused for good (a defect): drop it; the batch is resent and answered duplicate.
+        log().error("uplink: the journal refused watermark %s/%s %d: %s", msg.device_id,
+                    msg.lane, msg.seq, msg.reason)
+        self.watermark = None
+        self.step()
+
+    # ---- stop -----------------------------------------------------------------------------
+    def on_stop(self, msg: StopChild, sender: Any) -> None:
+        # Nothing to flush: pending batches are in the journal; a POST in flight is resent
+        # after the next start and answered "duplicate" if it was stored.
+        self.stopped = True
+        self.reply_stopped(sender, msg, clean=True)
+
+    def on_exit(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.post is None and self.sink is not None:
+            self.sink.close()
+        if self.reader is not None:
+            self.reader.close()
+
+    def figures(self) -> list[tuple[str, Any]]:
+        pending = None
+        if self.uplink is not None:
+            pending = len(self.uplink.pending())
+        return super().figures() + [
+            ("mode", self.settings.mode), ("link", current_link(self.settings) or "none"),
+            ("pending", pending), *self.counts.items(), ("waiting", self.waiting),
+            ("last_problem", self.last_problem or "none")]
