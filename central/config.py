@@ -27,7 +27,7 @@ DEFAULT_DEVICES_DIR = "devices"
 DEFAULT_CHDB_PATH = "central.chdb"
 BACKEND_KINDS = ("chdb", "http")
 PATH_FIELDS = {"receiver": ("tls_cert", "tls_key", "tls_client_ca", "devices_dir"),
-               "backend": ("path",)}
+               "backend": ("path",), "models": ("directory",)}
 
 
 def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
@@ -109,11 +109,21 @@ class BackendSettings:
 
 
 @attrs.frozen
+class ModelsSettings:
+    """[models]: signed model versions offered to gateways (see central.model_store)."""
+
+    #: Directory of ``<version>/`` model directories, served at ``GET /v1/models``; empty:
+    #: this receiver serves no models (404).
+    directory: str = ""
+
+
+@attrs.frozen
 class CentralConfig:
     """A central receiver config file."""
 
     receiver: ReceiverSettings = ReceiverSettings()
     backend: BackendSettings = BackendSettings()
+    models: ModelsSettings = ModelsSettings()
 
 
 def backend_password(settings: BackendSettings) -> str:
@@ -143,5 +153,5 @@ def load_central_config(path: str | os.PathLike[str]) -> CentralConfig:
         return attrs.evolve(section, **{n: str(base / getattr(section, n)) for n in names
                                         if getattr(section, n)})
 
-    return CentralConfig(resolved(config.receiver, PATH_FIELDS["receiver"]),
-                         resolved(config.backend, PATH_FIELDS["backend"]))
+    return attrs.evolve(config, **{section: resolved(getattr(config, section), names)
+                                   for section, names in PATH_FIELDS.items()})

@@ -12,6 +12,9 @@ replies ``{"status": "refused", "reason"}``; success replies ``{"status": "ok"|"
 ``seq_hi``, ``watermark`` the highest seq_hi stored for the device's lane in its generation.
 A batch identity already stored with another body is 409 (never retry); storage failing is
 503 and a receiver-side defect 500 (both: retry later). ``GET /v1/health`` answers 200.
+With a model store (`central.model_store`), ``GET /v1/models`` is its catalog and ``GET
+/v1/models/<version>/<file>`` a file, with its sha256 as ETag and one ``Range`` (206/416) for
+resumed downloads; without one, both are 404.
 
 `ReceiverServer` is the HTTP shell: a ThreadingHTTPServer on loopback unless configured (I9),
 HTTPS with required client certificates when TLS is configured (the handshake runs in the
@@ -45,10 +48,12 @@ from actors.uplink.envelope import (
     open_batch,
     read_header,
 )
+from actors.uplink.model_update import MODELS_PATH
 from actors.uplink.wire import WireError, WireRecord, decode
 from central.backend import Backend, BackendError, BatchConflict
 from central.config import ReceiverSettings
 from central.devices import DeviceKeyError, DeviceRegistry
+from central.model_store import ModelStore, ModelStoreError, StoredFile, byte_range
 from central.schema import table_for_kind
 from messages.readings import IDENT_RE
 
@@ -177,17 +182,27 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fleetgw-central"
     timeout = REQUEST_TIMEOUT_S
+    #: Headers and body go out in separate writes; with Nagle each answer on a kept-alive
+    #: connection would wait ~40 ms for the client's delayed ACK (a chunked model download
+    #: is many answers).
+    disable_nagle_algorithm = True
 
-    def _reply(self, reply: Reply, started: float, close: bool = False) -> None:
-        """Log the request's line, then answer (so the line exists once the client knows)."""
+    def _log(self, status: int, log: dict[str, Any], started: float) -> None:
         fields = {"event": "request", "method": self.command, "path": self.path,
-                  "status": reply.status, **reply.log, "peer": self.client_address[0],
+                  "status": status, **log, "peer": self.client_address[0],
                   **self._client_cert(), "ms": f"{(time.perf_counter() - started) * 1000:.1f}"}
-        LOG.log(logging.INFO if reply.status < 500 else logging.ERROR, "%s", logfmt(fields))
+        LOG.log(logging.INFO if status < 500 else logging.ERROR, "%s", logfmt(fields))
+
+    def _reply(self, reply: Reply, started: float, close: bool = False,
+               headers: dict[str, str] | None = None) -> None:
+        """Log the request's line, then answer (so the line exists once the client knows)."""
+        self._log(reply.status, reply.log, started)
         data = json.dumps(reply.body, separators=(",", ":")).encode()
         self.send_response(reply.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
@@ -248,9 +263,60 @@ class _Handler(BaseHTTPRequestHandler):
         started = time.perf_counter()
         if self.path == HEALTH_PATH:
             self._reply(Reply(200, {"status": "ok"}), started)
+        elif self.path == MODELS_PATH or self.path.startswith(MODELS_PATH + "/"):
+            self._get_model(started)
         else:
             self._reply(Reply.refused(404, f"no such endpoint (health: {HEALTH_PATH})"),
                         started)
+
+    def _get_model(self, started: float) -> None:
+        """The catalog, or one file of a version (a single Range honoured)."""
+        store = self.server.models
+        if store is None:
+            self._reply(Reply.refused(404, "this receiver serves no models (no [models] "
+                                           "directory in its config)"), started)
+            return
+        try:
+            if self.path == MODELS_PATH:
+                catalog = store.catalog()
+                self._reply(Reply(200, catalog, {"result": "ok",
+                                                 "versions": len(catalog["versions"])}), started)
+                return
+            parts = self.path[len(MODELS_PATH) + 1:].split("/")
+            if len(parts) != 2:
+                raise ModelStoreError(404, f"no such endpoint; GET {MODELS_PATH} or "
+                                           f"{MODELS_PATH}/<version>/<file>")
+            with store.open_file(*parts) as served:
+                try:
+                    span = byte_range(self.headers.get("Range"), served.size)
+                except ModelStoreError as exc:
+                    self._reply(Reply.refused(exc.status, exc.reason), started,
+                                headers={"Content-Range": f"bytes */{served.size}"})
+                    return
+                self._send_file(served, span, started)
+        except ModelStoreError as exc:
+            self._reply(Reply.refused(exc.status, exc.reason), started)
+
+    def _send_file(self, served: StoredFile, span: tuple[int, int] | None,
+                   started: float) -> None:
+        """The file whole (200) or ``span`` of it (206), its sha256 as ETag."""
+        start, end = span or (0, served.size - 1)
+        status = 206 if span else 200
+        self._log(status, {"result": "ok", "bytes": end - start + 1,
+                           **({"range": f"{start}-{end}"} if span else {})}, started)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("ETag", f'"{served.sha256}"')
+        self.send_header("Accept-Ranges", "bytes")
+        if span:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{served.size}")
+        self.end_headers()
+        try:
+            for block in served.blocks(start, end):
+                self.wfile.write(block)
+        except OSError:  # the client went away, or the file shrank: the length is a lie now
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silenced: `_reply` writes one logfmt line per request."""
@@ -285,13 +351,16 @@ def server_ssl_context(settings: ReceiverSettings) -> ssl.SSLContext:
 
 
 class ReceiverServer(ThreadingHTTPServer):
-    """The receiver on ``settings.host:port``; `serve_forever` until `shutdown`."""
+    """The receiver on ``settings.host:port``; `serve_forever` until `shutdown`. ``models``:
+    the model store served at ``GET /v1/models`` (None: none, 404)."""
 
     daemon_threads = True
 
-    def __init__(self, settings: ReceiverSettings, receiver: Receiver) -> None:
+    def __init__(self, settings: ReceiverSettings, receiver: Receiver,
+                 models: ModelStore | None = None) -> None:
         self.settings = settings
         self.receiver = receiver
+        self.models = models
         self.ssl_context = server_ssl_context(settings) if settings.tls else None
         super().__init__((settings.host, settings.port), _Handler)
         if self.ssl_context is not None:

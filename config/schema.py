@@ -310,6 +310,10 @@ class UplinkSettings:
         if (self.tls_cert or self.tls_key) and not (self.tls_cert and self.tls_key):
             missing = ", ".join(k for k in ("tls_cert", "tls_key") if not tls[k])
             raise FieldProblem(missing, "must be set too: a client certificate needs its key")
+        if self.mode == "receiver" and any(tls.values()) and not all(tls.values()):
+            missing = ", ".join(k for k, v in tls.items() if not v)
+            raise FieldProblem(missing, "must be set too: the receiver's HTTPS needs the "
+                                        "client certificate, its key and the CA (mTLS)")
         names = [c.name for c in self.links]
         if len(set(names)) != len(names):
             raise FieldProblem("links", f"names must be unique (got {names})")
@@ -328,6 +332,15 @@ class UplinkSettings:
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+
+@attrs.frozen
+class UplinkActorSettings:
+    """What the uplink actor starts with: its section, and the model section (where model
+    updates over the air are installed, and which keys they must be signed by)."""
+
+    uplink: UplinkSettings
+    model: ModelSettings
 
 
 @attrs.frozen

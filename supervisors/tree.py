@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import attrs
 
-from config.schema import GatewayConfig
+from config.schema import GatewayConfig, UplinkActorSettings
 from supervisors.spec import ChildSpec, Restart, Strategy, SupervisorFlags, SupervisorSpec
 
 SENSOR_CLASSES = {"sim": "actors.sensors.actor.SimSensor"}
@@ -111,6 +111,7 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             uplink = attrs.evolve(uplink, gateway_id=config.gateway.device_id)
         children += (ChildSpec(name="uplink", actor_class=UPLINK_CLASS,
                                restart=Restart.PERMANENT, shutdown_timeout_s=5.0,
-                               heartbeat_timeout_s=sup.heartbeat_timeout_s, settings=uplink,
+                               heartbeat_timeout_s=sup.heartbeat_timeout_s,
+                               settings=UplinkActorSettings(uplink, config.model),
                                nice=UPLINK_NICE),)
     return SupervisorSpec(flags(Strategy.ONE_FOR_ONE), children)

@@ -2,10 +2,11 @@
 
 Where this sits: beside the central side of the data path. ``serve`` opens the configured
 backend (embedded chdb owns its path for as long as it runs), creates missing tables, and
-serves `central.receiver` until SIGTERM or Ctrl-C; its first stdout line says where it
-listens. ``query`` runs one SQL statement against the same backend and prints the result —
-with chdb it must open the path itself, so it cannot run while a receiver holds it (it says
-so). Exit status: 0 ok, 1 failed (storage, network), 2 bad config or usage.
+serves `central.receiver` (and the model store of ``[models] directory``, if set) until
+SIGTERM or Ctrl-C; its first stdout line says where it listens. ``query`` runs one SQL
+statement against the same backend and prints the result — with chdb it must open the path
+itself, so it cannot run while a receiver holds it (it says so). Exit status: 0 ok, 1 failed
+(storage, network), 2 bad config or usage.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def serve_command(config_path: str) -> int:
     """Serve until SIGTERM/SIGINT; 0 after an orderly stop."""
     from actors.uplink.envelope import PATH
     from central.devices import DeviceRegistry
+    from central.model_store import ModelStore
     from central.receiver import LOG, Receiver, ReceiverServer, logfmt
 
     _setup_logging()
@@ -101,7 +103,8 @@ def serve_command(config_path: str) -> int:
         backend.ensure_schema()
         receiver = Receiver(backend, DeviceRegistry(settings.devices_dir),
                             settings.max_raw_bytes)
-        server = ReceiverServer(settings, receiver)
+        models = ModelStore(config.models.directory) if config.models.directory else None
+        server = ReceiverServer(settings, receiver, models)
     except BackendError as exc:
         print(f"fleetgw central serve: cannot create the tables: {exc}", file=sys.stderr)
         backend.close()
@@ -119,9 +122,13 @@ def serve_command(config_path: str) -> int:
         LOG.warning("%s", logfmt({"event": "no-devices", "devices_dir": settings.devices_dir,
                                   "warning": "not a directory: every batch will be refused "
                                              "(403) until devices are registered"}))
+    if models is not None and not models.directory.is_dir():
+        LOG.warning("%s", logfmt({"event": "no-models", "directory": models.directory,
+                                  "warning": "not a directory: the model catalog is empty "
+                                             "until model versions are put there"}))
     signal.signal(signal.SIGTERM, _stop)
     print(f"fleetgw central: receiving on {server.url}{PATH} (devices {settings.devices_dir}, "
-          f"backend {backend!r})", flush=True)
+          f"backend {backend!r}, models {models.directory if models else 'none'})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

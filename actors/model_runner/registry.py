@@ -120,7 +120,7 @@ class CheckReport:
     details: Mapping[str, Any]
 
 
-def _version_key(version: str) -> list[Any]:
+def version_key(version: str) -> list[Any]:
     """Natural order: 2026.9.1 before 2026.11.1."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
 
@@ -164,7 +164,7 @@ class ModelRegistry:
             return []
         names = [p.name for p in self.versions.iterdir()
                  if p.is_dir() and VERSION_RE.fullmatch(p.name)]
-        return sorted(names, key=_version_key)
+        return sorted(names, key=version_key)
 
     def history(self) -> list[str]:
         """The activations, oldest first."""

@@ -37,12 +37,15 @@ from actors.journal.actor import journal_path
 from actors.journal.consumer import RESEND_AFTER_S, TRANSIENT_REFUSALS
 from actors.journal.reader import JournalReader
 from actors.journal.schema import JournalError
-from actors.uplink.client import BatchSink, UplinkClient
+from actors.model_runner.registry import ModelRegistry
+from actors.uplink.client import BatchSink, PostResult, UplinkClient
+from actors.uplink.envelope import SignedBatch
 from actors.uplink.keys import KeyRing
 from actors.uplink.link import Backoff, LinkBudget, LinkClass, SyncWindows
+from actors.uplink.model_update import FAILED, INSTALLED, REFUSED, ModelUpdater, UpdateStep
 from actors.uplink.planner import BatchPlanner
 from actors.uplink.uplink import ACKED, CONSUMER, NOTHING, SPLIT, Send, Uplink, Wait
-from config.schema import UplinkSettings
+from config.schema import UplinkActorSettings, UplinkSettings
 from messages.journal import (
     AdvanceWatermark,
     ConsumerCommit,
@@ -54,8 +57,9 @@ from messages.journal import (
 )
 from messages.supervision import StopChild
 
-#: Seconds between looks at the POST in flight.
+#: Seconds between looks at the POST in flight, and at a model update step.
 POST_POLL_S = 0.005
+MODEL_POLL_S = 0.05
 DIRECT = "direct"
 
 
@@ -88,6 +92,19 @@ def make_sink(settings: UplinkSettings) -> BatchSink:
                         total_timeout_s=settings.total_timeout_s)
 
 
+def make_updater(settings: UplinkActorSettings, budget: LinkBudget,
+                 data_dir: str) -> ModelUpdater:
+    """Model updates over the air: the receiver's catalog into the model registry the model
+    runner serves from, downloads paid from the P3 budget."""
+    s, model = settings.uplink, settings.model
+    registry = ModelRegistry(model.registry or os.path.join(data_dir, "models"),
+                             model.trusted_keys or None)
+    return ModelUpdater(s.url, registry, os.path.join(data_dir, "model-downloads"),
+                        tls_cert=s.tls_cert or None, tls_key=s.tls_key or None,
+                        tls_ca=s.tls_ca or None, budget=budget, link_class=s.link,
+                        connect_timeout_s=s.connect_timeout_s, check_s=s.model_check_s)
+
+
 def make_budget(settings: UplinkSettings) -> LinkBudget:
     return LinkBudget([LinkClass(c.name, c.rate_bytes_s, c.burst_bytes, c.metered)
                        for c in settings.links],
@@ -106,6 +123,10 @@ class UplinkActor(SupervisedActor):
         self.pool: ThreadPoolExecutor | None = None
         self.commit: ConsumerCommit | None = None
         self.post: Future | None = None
+        self.updater: ModelUpdater | None = None
+        self.model_step: Future | None = None
+        self.next_model_step = 0.0
+        self.schema_ready = False
         self.sending: Send | None = None
         self.watermark: AdvanceWatermark | None = None
         self.sent_at = 0.0  # of the commit or watermark in flight
@@ -116,8 +137,13 @@ class UplinkActor(SupervisedActor):
                        "failures": 0, "splits": 0, "state_commits": 0}
 
     def on_init(self) -> None:
-        s: UplinkSettings = self.settings
+        settings: UplinkActorSettings = self.settings
+        self.config = s = settings.uplink
         self.sink = make_sink(s)
+        self.budget = make_budget(s)
+        self.windows = SyncWindows(s.windows)
+        if s.mode != DIRECT and s.model_updates and settings.model.enabled:
+            self.updater = make_updater(settings, self.budget, self.data_dir or ".")
         if s.mode == DIRECT:  # ClickHouse checks no signatures: sign with a throwaway key
             self.keys = KeyRing.single(nacl.signing.SigningKey.generate())
         else:
@@ -131,7 +157,7 @@ class UplinkActor(SupervisedActor):
     # ---- the loop -------------------------------------------------------------------------
     def busy(self) -> bool:
         return (self.commit is not None or self.post is not None
-                or self.watermark is not None)
+                or self.watermark is not None or self.model_step is not None)
 
     def open(self) -> bool:
         """Open the journal read-only and build the `Uplink` (the journal may still be
@@ -142,10 +168,10 @@ class UplinkActor(SupervisedActor):
             self.reader = JournalReader(journal_path(self.data_dir))
         except JournalError:
             return False
-        s: UplinkSettings = self.settings
+        s = self.config
         assert self.sink is not None and self.keys is not None
         self.uplink = Uplink(self.reader, BatchPlanner(s.max_records, s.max_raw_bytes),
-                             self.sink, make_budget(s), SyncWindows(s.windows),
+                             self.sink, self.budget, self.windows,
                              Backoff(s.backoff_base_s, s.backoff_cap_s), self.keys,
                              s.gateway_id, s.link,
                              linger_s={"P2": s.p2_linger_s, "P3": s.p3_linger_s})
@@ -156,7 +182,7 @@ class UplinkActor(SupervisedActor):
         """Do the next thing: persist a changed plan, send a batch, or wait."""
         if self.stopped or self.busy():
             return
-        s: UplinkSettings = self.settings
+        s = self.config
         if not self.open():
             self.wait("the journal is not open yet", s.poll_s)
             return
@@ -180,17 +206,63 @@ class UplinkActor(SupervisedActor):
             if linger is not None and linger < choice.seconds:
                 choice = Wait(linger, "a lane's backlog lingers for a fuller batch"
                               if choice.reason == NOTHING else choice.reason)
+            if self.model_update_due(link, now):
+                return
             self.wait(choice.reason, choice.seconds)
             return
-        assert self.pool is not None and self.sink is not None
+        assert self.pool is not None
         self.waiting = "sending"
         self.sending = choice
-        self.post = self.pool.submit(self.sink.post, choice.signed)
+        self.post = self.pool.submit(self.post_batch, choice.signed)
         self.start_timer("post", POST_POLL_S)
+
+    def post_batch(self, signed: SignedBatch) -> PostResult:
+        """Worker thread: the POST (direct mode: the tables are made first, once)."""
+        assert self.sink is not None
+        if self.config.mode == DIRECT and not self.schema_ready:
+            from actors.uplink.direct import DirectError
+
+            try:
+                self.sink.ensure_schema()  # type: ignore[attr-defined]
+            except DirectError as exc:
+                return PostResult(exc.status, None, f"creating the tables: {exc.reason}", 0,
+                                  0.0)
+            self.schema_ready = True
+        return self.sink.post(signed)
+
+    # ---- model updates --------------------------------------------------------------------
+    def model_update_due(self, link: str, now: float) -> bool:
+        """Between sends, when due and P3 may sync: one step of the model updater in the
+        worker thread (a catalog check, one chunk, or the install)."""
+        if (self.updater is None or now < self.next_model_step
+                or not self.windows.open("P3", time.time())):
+            return False
+        assert self.pool is not None
+        self.updater.link_class = link
+        self.waiting = "model update"
+        self.model_step = self.pool.submit(self.updater.step, now)
+        self.start_timer("model", MODEL_POLL_S)
+        return True
+
+    def on_timer_model(self) -> None:
+        if self.model_step is None:
+            return
+        if not self.model_step.done():
+            self.start_timer("model", MODEL_POLL_S)
+            return
+        future, self.model_step = self.model_step, None
+        step: UpdateStep = future.result()  # never raises for the network or the disk
+        self.next_model_step = time.monotonic() + step.wait_s
+        if step.action in (INSTALLED, REFUSED, FAILED):
+            level = log().info if step.action == INSTALLED else log().warning
+            level("model update %s: %s: %s", step.action, step.version or "-", step.reason)
+            self.counts[f"models_{step.action}"] = self.counts.get(
+                f"models_{step.action}", 0) + 1
+        self.step()
 
     def wait(self, reason: str, seconds: float) -> None:
         self.waiting = reason
-        self.start_timer("step", min(seconds, self.settings.poll_s))
+        self.start_timer("step", min(seconds, self.config.poll_s))
 
     def on_timer_step(self) -> None:
         self.step()
@@ -295,6 +367,8 @@ class UplinkActor(SupervisedActor):
             self.pool.shutdown(wait=False, cancel_futures=True)
         if self.post is None and self.sink is not None:
             self.sink.close()
+        if self.model_step is None and self.updater is not None:
+            self.updater.close()
         if self.reader is not None:
             self.reader.close()
 
@@ -303,6 +377,6 @@ class UplinkActor(SupervisedActor):
         if self.uplink is not None:
             pending = len(self.uplink.pending())
         return super().figures() + [
-            ("mode", self.settings.mode), ("link", current_link(self.settings) or "none"),
+            ("mode", self.config.mode), ("link", current_link(self.config) or "none"),
             ("pending", pending), *self.counts.items(), ("waiting", self.waiting),
             ("last_problem", self.last_problem or "none")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +160,31 @@ def test_gateway_without_a_device_key_says_how_to_make_one(make_gateway, central
                        and "signing key" in w and w, 60, "the missing key to be reported")
     assert "fleetgw provision device --id veh-001" in waiting
     assert sync_counts(gw)[1] == 0
+
+
+def test_a_newer_model_comes_over_the_air_and_is_served(make_gateway, tmp_path, device_key):
+    from actors.model_runner.actor import shipped_model_dir
+    from actors.model_runner.manifest import DEFAULT_TRUSTED_KEYS, generate_key
+    from tests.system.test_model_runner import resigned_copy
+
+    keys = tmp_path / "trusted"
+    keys.mkdir()
+    shutil.copy(DEFAULT_TRUSTED_KEYS / "fleetgw-release.pub", keys)
+    generate_key(tmp_path / "release.key")
+    shutil.copy(tmp_path / "release.key.pub", keys / "test.pub")
+    central = CentralProcess(tmp_path / "central", free_port(),
+                             '[models]\ndirectory = "models"\n')
+    resigned_copy(shipped_model_dir(), str(central.directory / "models" / "2099.1.1"),
+                  "2099.1.1", str(tmp_path / "release.key"))
+    central.register(DEVICE, device_key)
+    central.start()
+    try:
+        gw = make_gateway(model={"trusted_keys": str(keys), "check_s": 0.5},
+                          uplink=uplink_section(central, model_check_s=1.0)).start()
+        wait_for(lambda: gw.node("model")["figures"]["model"] == "2099.1.1", 120,
+                 "the model runner to serve the model fetched over the air")
+        assert uplink_figures(gw)["models_installed"] == 1
+        assert "GET /v1/models/2099.1.1/model.bin" in central.output().replace(
+            "method=GET path=", "GET ")
+    finally:
+        central.kill()
