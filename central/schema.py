@@ -21,6 +21,14 @@ arrives late.
 
 Inserts are Native blocks (`record_block`, `batch_block`): columns, the fastest input format
 in chdb (measured on 100k-row batches: ~2x RowBinary); LowCardinality columns go as String.
+
+Direct mode (`actors.uplink.direct`: a gateway inserting into a ClickHouse server itself, no
+receiver) creates its tables with `direct_ddl`: this schema on servers since `FULL_SCHEMA_SINCE`
+(22.2, the first with ``insert_deduplication_token``), else `LEGACY_TABLES` — the same tables
+in what ClickHouse 18.16 (Debian's package) accepts: String for LowCardinality(String),
+``visitParamExtract*`` for ``JSONExtract*``, a DateTime64 as its exact integer ``<name>_ns``
+(or ``_ms``, Int64, inserted) plus ``<name>`` DateTime (whole seconds, computed), no TTL, no
+table comment, no deduplication window. Their blocks: ``record_block(..., legacy=True)``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,12 @@ BATCHES_TTL_DAYS = 1830
 #: Where replicated tables keep their state in ClickHouse Keeper; {shard}/{replica} are macros.
 KEEPER_PATH = "/clickhouse/tables/{{shard}}/fleetgw/{table}"
 CLUSTER_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: A database name direct mode accepts (it is spliced into SQL unquoted).
+DATABASE_NAME_RE = CLUSTER_NAME_RE
+#: The first ClickHouse version that honours ``insert_deduplication_token`` in a MergeTree
+#: table (22.2: ClickHouse PR #32304; ``non_replicated_deduplication_window``, 21.x, is older):
+#: direct mode uses this schema from here on, `LEGACY_TABLES` before.
+FULL_SCHEMA_SINCE = (22, 2)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 READINGS, INFERENCES, SAFETY_EVENTS, AGGREGATES, BATCHES = (
@@ -204,11 +218,78 @@ def _table_sql(table: Table, name: str, on_cluster: str, engine: str, settings: 
             f"SETTINGS {settings}\nCOMMENT {sql_string(table.comment)}")
 
 
-def create_statements() -> tuple[str, ...]:
-    """Single node (chdb or one server): one ReplacingMergeTree per table."""
-    return tuple(_table_sql(t, t.name, "", "ReplacingMergeTree",
+def create_statements(database: str = "") -> tuple[str, ...]:
+    """Single node (chdb or one server): one ReplacingMergeTree per table (in ``database``;
+    empty: the connection's current one)."""
+    prefix = f"{database}." if database else ""
+    return tuple(_table_sql(t, f"{prefix}{t.name}", "", "ReplacingMergeTree",
                             f"non_replicated_deduplication_window = {DEDUP_WINDOW}")
                  for t in TABLES)
+
+
+# ---- direct mode on servers before FULL_SCHEMA_SINCE (measured on 18.16.1) --------------------
+_DATETIME64_RE = re.compile(r"^DateTime64\(([369]), 'UTC'\)$")
+_FROM_NANOS_RE = re.compile(r"^fromUnixTimestamp64Nano\((.+), 'UTC'\)$")
+_JSON_EXTRACT_RE = re.compile(r"\bJSONExtract(String|Float|UInt|Int)\(")
+_UNITS = {9: "ns", 6: "us", 3: "ms"}
+
+
+def _legacy_columns(column: Column) -> tuple[Column, ...]:
+    """``column`` as 18.16 takes it; a DateTime64 becomes two columns (see the docstring)."""
+    default = _JSON_EXTRACT_RE.sub(r"visitParamExtract\1(", column.default)
+    match = _DATETIME64_RE.match(column.type)
+    if match is None:
+        ch_type = "String" if column.type == "LowCardinality(String)" else column.type
+        return (Column(column.name, ch_type, column.comment, default),)
+    digits = int(match.group(1))
+    exact = f"{column.name}_{_UNITS[digits]}"
+    if default:
+        nanos = _FROM_NANOS_RE.match(default)
+        if nanos is None or digits != 9:
+            raise ValueError(f"{column.name}: no legacy form for DEFAULT {column.default}")
+        default = nanos.group(1)
+    return (Column(exact, "Int64", f"{column.comment} ({_UNITS[digits]} since the epoch, "
+                                   "exact)", default),
+            Column(column.name, "DateTime('UTC')", f"{column.comment} (whole seconds; exact: "
+                                                   f"{exact})",
+                   f"toDateTime(intDiv({exact}, {10 ** digits}), 'UTC')"))
+
+
+def legacy_table(table: Table) -> Table:
+    """``table`` for servers before FULL_SCHEMA_SINCE: the same names where the types allow,
+    its inserted columns in the same order (a DateTime64 ``x`` is inserted as ``x_ns``), no
+    TTL (``ttl_days`` 0: 18.16 has none; delete old rows with ALTER TABLE ... DELETE)."""
+    columns = tuple(c for column in table.columns for c in _legacy_columns(column))
+    legacy = Table(table.name, table.comment, columns, table.order_by, "", 0)
+    assert len(legacy.inserted) == len(table.inserted), table.name
+    return legacy
+
+
+LEGACY_TABLES = tuple(legacy_table(t) for t in TABLES)
+LEGACY_TABLE_BY_NAME = {t.name: t for t in LEGACY_TABLES}
+
+
+def full_schema(server_version: Sequence[int]) -> bool:
+    """Whether a server of ``server_version`` (e.g. (18, 16, 1)) takes `TABLES` as they are."""
+    return tuple(server_version[:2]) >= FULL_SCHEMA_SINCE
+
+
+def direct_ddl(database: str, server_version: Sequence[int], *,
+               legacy: bool = False) -> tuple[str, ...]:
+    """Direct mode's ``CREATE ... IF NOT EXISTS`` statements: ``database``, then `TABLES`
+    (`full_schema` servers) or `LEGACY_TABLES` in it (also when ``legacy``: the database has
+    tables an older server created). Raises ValueError for a database name that is not an
+    identifier."""
+    if not DATABASE_NAME_RE.match(database):
+        raise ValueError(f"database name must be an identifier [A-Za-z_][A-Za-z0-9_]* "
+                         f"(got {database!r})")
+    if full_schema(server_version) and not legacy:
+        tables = create_statements(database)
+    else:
+        tables = tuple(f"CREATE TABLE IF NOT EXISTS {database}.{t.name}\n{_columns_sql(t)}\n"
+                       f"ENGINE = ReplacingMergeTree\nORDER BY ({', '.join(t.order_by)})"
+                       for t in LEGACY_TABLES)
+    return (f"CREATE DATABASE IF NOT EXISTS {database}", *tables)
 
 
 def cluster_ddl(cluster_name: str) -> tuple[str, ...]:
@@ -263,7 +344,7 @@ def _strings(values: Iterable[str]) -> bytes:
     return b"".join(out)
 
 
-_PACKERS = {"UInt64": "Q", "UInt32": "I", "DateTime64(9, 'UTC')": "q",
+_PACKERS = {"UInt64": "Q", "UInt32": "I", "Int64": "q", "DateTime64(9, 'UTC')": "q",
             "DateTime64(3, 'UTC')": "q"}
 
 
@@ -274,15 +355,18 @@ def _column(ch_type: str, values: Sequence[Any]) -> tuple[str, bytes]:
     return ch_type, struct.pack(f"<{len(values)}{_PACKERS[ch_type]}", *values)
 
 
-def native_block(table: str, columns: Mapping[str, Sequence[str | int]], rows: int) -> bytes:
-    """One Native block of ``rows`` rows with the table's inserted columns, in order."""
+def native_block(table: str, columns: Mapping[str, Sequence[str | int]], rows: int, *,
+                 legacy: bool = False) -> bytes:
+    """One Native block of ``rows`` rows with the table's inserted columns, in order
+    (``columns`` by `TABLES` names; ``legacy``: as the `LEGACY_TABLES` columns they fill)."""
     inserted = TABLE_BY_NAME[table].inserted
-    parts = [_varuint(len(inserted)), _varuint(rows)]
-    for col in inserted:
+    target = LEGACY_TABLE_BY_NAME[table].inserted if legacy else inserted
+    parts = [_varuint(len(target)), _varuint(rows)]
+    for col, out in zip(inserted, target, strict=True):
         values = columns[col.name]
         assert len(values) == rows, f"{table}.{col.name}: {len(values)} values for {rows} rows"
-        ch_type, data = _column(col.type, values)
-        parts += [_strings((col.name, ch_type)), data]
+        ch_type, data = _column(out.type, values)
+        parts += [_strings((out.name, ch_type)), data]
     return b"".join(parts)
 
 
@@ -291,7 +375,7 @@ def _millis(moment: dt.datetime) -> int:
 
 
 def record_block(table: str, header: BatchHeader, records: Sequence[Record],
-                 received_at: dt.datetime) -> bytes:
+                 received_at: dt.datetime, *, legacy: bool = False) -> bytes:
     """The rows of ``records`` for a record table; the batch's identity in every row."""
     n = len(records)
     return native_block(table, {
@@ -301,11 +385,11 @@ def record_block(table: str, header: BatchHeader, records: Sequence[Record],
         "lane": [header.lane] * n, "values": [r.payload for r in records],
         "gateway_id": [header.gateway_id] * n, "ingested_at": [_millis(received_at)] * n,
         "batch_token": [header.dedup_token] * n,
-    }, n)
+    }, n, legacy=legacy)
 
 
 def batch_block(header: BatchHeader, signature_hex: str, rows: int,
-                received_at: dt.datetime) -> bytes:
+                received_at: dt.datetime, *, legacy: bool = False) -> bytes:
     """The batch's one row in `batches`."""
     h = header
     return native_block(BATCHES, {
@@ -314,7 +398,7 @@ def batch_block(header: BatchHeader, signature_hex: str, rows: int,
         "body_sha256": [h.body_sha256], "signature": [signature_hex],
         "gateway_id": [h.gateway_id], "received_at": [_millis(received_at)], "rows": [rows],
         "dedup_token": [h.dedup_token],
-    }, 1)
+    }, 1, legacy=legacy)
 
 
 def insert_sql(table: str, token: str, settings: Mapping[str, str]) -> str:

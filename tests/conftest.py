@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.clickhouse_server import clickhouse, clickhouse_db, start_clickhouse  # noqa: F401
+
 
 @pytest.fixture
 def chdb_backend(tmp_path) -> Iterator:

@@ -180,6 +180,14 @@ def open_batch(header: BatchHeader, header_bytes: bytes, signature_hex: str | No
     if hashlib.sha256(body).hexdigest() != header.body_sha256:
         raise BatchRejected(400, "body sha256 does not match the signed header (altered in "
                                  "transit?)")
+    return decompress(header, body, max_raw_bytes)
+
+
+def decompress(header: BatchHeader, body: bytes,
+               max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES) -> bytes:
+    """The wire body inside ``body`` (``header.compression``), at most ``max_raw_bytes`` and
+    exactly ``header.raw_bytes`` long; BatchRejected(400/413) otherwise. Checks no signature:
+    `open_batch` does that first; a gateway reading its own batch (direct mode) needs none."""
     try:
         if header.compression == "zstd":
             raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_raw_bytes)

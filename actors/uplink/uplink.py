@@ -233,6 +233,9 @@ class Uplink:
         else:
             verdict = classify(result.status, result.error)
             verdict_action, reason = verdict.action, verdict.reason
+            detail = body.get("reason") or (result.error if result.status else None)
+            if detail:
+                reason = f"{reason}: {str(detail)[:300]}"
         if verdict_action == SPLIT and batch.count > 1:
             size = self.planner.split(batch.lane, batch.count)
             self._finished.add(batch)
