@@ -9,7 +9,8 @@ signature, body hash and size (`open_batch`: 401/400/413/415), the body decodes
 to its table by kind and stores the batch (`central.backend`). A refusal stores nothing and
 replies ``{"status": "refused", "reason"}``; success replies ``{"status": "ok"|"duplicate",
 "device_id", "lane", "acked_seq_hi", "watermark"}``: ``acked_seq_hi`` is the batch's
-``seq_hi``, ``watermark`` the highest seq_hi stored for the device's lane in its generation.
+``seq_hi``, ``watermark`` the highest seq_hi stored for the device's lane in its generation
+(as far as this receiver knows).
 A batch identity already stored with another body is 409 (never retry); storage failing is
 503 and a receiver-side defect 500 (both: retry later). ``GET /v1/health`` answers 200.
 With a model store (`central.model_store`), ``GET /v1/models`` is its catalog and ``GET
@@ -32,6 +33,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import threading
 import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -120,6 +122,22 @@ class Receiver:
         self.backend = backend
         self.registry = registry
         self.max_raw_bytes = max_raw_bytes
+        self._marks: dict[tuple[str, str, str], int] = {}
+        self._marks_lock = threading.Lock()
+
+    def _watermark(self, header: BatchHeader) -> int:
+        """The highest seq_hi stored for the batch's (device, generation, lane): asked of the
+        backend once, then kept up to date here (one query less per batch). With several
+        receivers on one ClickHouse it may lag another receiver's inserts: it is what this
+        receiver knows stored, for the gateway's log; the gateway acts on ``acked_seq_hi``."""
+        key = (header.device_id, header.generation, header.lane)
+        with self._marks_lock:
+            known = self._marks.get(key)
+        if known is None:
+            known = self.backend.watermark(*key)
+        with self._marks_lock:
+            self._marks[key] = max(known, header.seq_hi, self._marks.get(key, 0))
+            return self._marks[key]
 
     def accept(self, header_b64: str | None, signature_hex: str | None, body: bytes) -> Reply:
         try:
@@ -144,8 +162,7 @@ class Receiver:
             signature = bytes.fromhex(signature_hex or "").hex()  # verified: canonical hex
             result = self.backend.insert_batch(header, signature, route(records),
                                                dt.datetime.now(dt.UTC))
-            watermark = self.backend.watermark(header.device_id, header.generation,
-                                               header.lane)
+            watermark = self._watermark(header)
         except BatchRejected as exc:
             return Reply.refused(exc.status, exc.reason, **where)
         except DeviceKeyError as exc:

@@ -193,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--seconds", type=_positive_float, default=600.0,
                     help="seconds of the demo vehicle's driving (default 600)")
     bw.add_argument("--json", action="store_true", help="print one JSON object")
+    bs = bsub.add_parser("sync", help="P1 latency to ClickHouse while a P3 backlog drains, "
+                         "drain goodput beside the token bucket, receiver rows/s beside raw "
+                         "chdb inserts")
+    bs.add_argument("--backlog-s", type=_positive_float, default=60.0,
+                    help="seconds the link is cut while P3 piles up (default 60)")
+    bs.add_argument("--drain-s", type=_positive_float, default=120.0,
+                    help="at most this many seconds of draining (default 120)")
+    bs.add_argument("--rate", type=_positive_float, default=1000.0,
+                    help="readings/s of the bulk P3 sensor (default 1000)")
+    bs.add_argument("--rate-bytes", type=_positive_float, default=8000.0,
+                    help="the link's P2/P3 token bucket, bytes/s (default 8000)")
+    bs.add_argument("--admin-port", type=_port, default=19111)
+    bs.add_argument("--central-port", type=_port, default=19121)
+    bs.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -243,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_model_command(args.model, args.seed, args.vehicles, args.seconds,
                                    args.admin_port, args.json)
+    if args.command == "bench" and args.bench_command == "sync":
+        from tools.bench_sync import bench_sync_command
+
+        return bench_sync_command(args.backlog_s, args.drain_s, args.rate, args.rate_bytes,
+                                  args.admin_port, args.central_port, args.json)
     if args.command == "bench" and args.bench_command == "wire":
         from tools.bench_wire import bench_wire_command
 

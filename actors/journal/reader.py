@@ -510,6 +510,15 @@ class JournalReader:
         """See `read_lane_range` (the records of a planned batch)."""
         return read_lane_range(self._conn, lane, device_id, seq_lo, seq_hi)
 
+    def lane_devices(self, lane: str, upto: Position) -> list[str]:
+        """See `lane_devices` (which devices the uplink plans batches for)."""
+        return lane_devices(self._conn, lane, upto)
+
+    def lane_sizes(self, lane: str, device_id: str, after_seq: int, upto: Position,
+                   limit: int) -> list[tuple[int, int]]:
+        """See `lane_sizes` (a batch's boundaries)."""
+        return lane_sizes(self._conn, lane, device_id, after_seq, upto, limit)
+
     def lane_backlog(self, lane: str, upto: Position) -> dict[str, int]:
         """See `lane_backlog` (devices with unsynced records in the lane)."""
         return lane_backlog(self._conn, lane, upto)
@@ -608,6 +617,31 @@ def sync_counts(conn: apsw.Connection) -> dict[str, tuple[int, int, int | None]]
     with read_snapshot(conn):
         return {d: (n, synced or 0, oldest) for d, n, synced, oldest in conn.execute(
             SYNC_COUNTS_SQL)}
+
+
+LANE_DEVICES_SQL = """SELECT d.device_id FROM devices d
+    LEFT JOIN watermarks w ON w.device_id = d.device_id AND w.lane = ?1
+WHERE EXISTS (SELECT 1 FROM records r WHERE r.lane = ?1 AND r.device_id = d.device_id
+    AND r.seq > coalesce(w.seq, 0) AND r.pos <= ?2 AND r.drop_reason IS NULL)
+ORDER BY d.device_id"""
+LANE_SIZES_SQL = (
+    "SELECT seq, octet_length(payload) FROM records WHERE lane = ? AND device_id = ? "
+    "AND seq > ? AND pos <= ? AND drop_reason IS NULL ORDER BY seq LIMIT ?"
+)
+
+
+def lane_devices(conn: apsw.Connection, lane: str, upto: Position) -> list[str]:
+    """The devices with at least one unsynced record in ``lane`` (as `lane_backlog` counts
+    them), in id order: one index probe per device, whatever the backlog's size."""
+    return [row[0] for row in conn.execute(LANE_DEVICES_SQL, (lane, upto.value))]
+
+
+def lane_sizes(conn: apsw.Connection, lane: str, device_id: str, after_seq: int,
+               upto: Position, limit: int) -> list[tuple[int, int]]:
+    """(seq, payload bytes) of the records `read_lane` would return: what planning a batch
+    needs, without reading the payloads."""
+    return [(seq, n) for seq, n in conn.execute(
+        LANE_SIZES_SQL, (lane, device_id, after_seq, upto.value, limit))]
 
 
 def lane_backlog(conn: apsw.Connection, lane: str, upto: Position) -> dict[str, int]:

@@ -7,7 +7,9 @@ A thin shell over `Uplink` (uplink.py), one thing in flight at a time:
    boundaries are durable before their first send, so a retry after any crash (SIGKILL in the
    middle of a POST included) resends the identical batch, which central stores once (I5);
 2. ``uplink.next_send(now)``: a batch goes to the POST worker thread (pycurl blocks; the actor
-   keeps answering heartbeats and looks at the POST every `POST_POLL_S`), or the actor waits —
+   keeps answering heartbeats and looks at the POST every `POST_POLL_S`); a P2/P3 batch is
+   first built (read, encoded, compressed, signed) in a builder thread with its own journal
+   connection, so that building 5000 records never holds up a P1 send; or the actor waits —
    for the link budget, a backoff, a sync window — at most ``poll_s``, or until the journal
    says ``NewRecords`` (the router routed more);
 3. the answer, judged by ``uplink.on_result``: acknowledged -> ``AdvanceWatermark`` to the
@@ -25,11 +27,13 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import attrs
 import nacl.signing
 
 from actors.base import SupervisedActor, log
@@ -41,9 +45,9 @@ from actors.model_runner.registry import ModelRegistry
 from actors.uplink.client import BatchSink, PostResult, UplinkClient
 from actors.uplink.envelope import SignedBatch
 from actors.uplink.keys import KeyRing
-from actors.uplink.link import Backoff, LinkBudget, LinkClass, SyncWindows
+from actors.uplink.link import P1, Backoff, LinkBudget, LinkClass, SyncWindows
 from actors.uplink.model_update import FAILED, INSTALLED, REFUSED, ModelUpdater, UpdateStep
-from actors.uplink.planner import BatchPlanner
+from actors.uplink.planner import BatchPlanner, PlannedBatch
 from actors.uplink.uplink import ACKED, CONSUMER, NOTHING, SPLIT, Send, Uplink, Wait
 from config.schema import UplinkActorSettings, UplinkSettings
 from messages.journal import (
@@ -60,6 +64,7 @@ from messages.supervision import StopChild
 #: Seconds between looks at the POST in flight, and at a model update step.
 POST_POLL_S = 0.005
 MODEL_POLL_S = 0.05
+BUILD_POLL_S = 0.005
 DIRECT = "direct"
 
 
@@ -111,6 +116,27 @@ def make_budget(settings: UplinkSettings) -> LinkBudget:
                       settings.p1_rate_bytes_s, settings.p1_burst_bytes, settings.metered_lanes)
 
 
+#: The POST channels, each its own connection and worker thread: P1 never waits behind a P2/P3
+#: POST (a large batch, a slow link); P2 and P3 share the other, in priority order.
+P1_CHANNEL, BULK = "p1", "bulk"
+CHANNEL_LANES = {P1_CHANNEL: (P1,), BULK: ("P2", "P3")}
+
+
+def channel_of(lane: str) -> str:
+    return P1_CHANNEL if lane == P1 else BULK
+
+
+@attrs.define
+class Channel:
+    """One POST channel: its sink (own connection), worker, and the POST in flight."""
+
+    name: str
+    sink: BatchSink
+    pool: ThreadPoolExecutor
+    post: Future | None = None
+    sending: Send | None = None
+
+
 class UplinkActor(SupervisedActor):
     """Syncs the journal's lanes to central under the link policy."""
 
@@ -118,19 +144,21 @@ class UplinkActor(SupervisedActor):
         super().__init__(*args, **kwargs)
         self.reader: JournalReader | None = None
         self.uplink: Uplink | None = None
-        self.sink: BatchSink | None = None
+        self.channels: dict[str, Channel] = {}
         self.keys: KeyRing | None = None
-        self.pool: ThreadPoolExecutor | None = None
+        self.builder: ThreadPoolExecutor | None = None
+        self.builds: dict[PlannedBatch, Future] = {}
+        self.build_reader = threading.local()
         self.commit: ConsumerCommit | None = None
-        self.post: Future | None = None
+        self.watermark: AdvanceWatermark | None = None
+        self.marks: list[AdvanceWatermark] = []  # acknowledged, waiting for the journal
+        self.sent_at = 0.0  # of the commit or watermark in flight
         self.updater: ModelUpdater | None = None
         self.model_step: Future | None = None
         self.next_model_step = 0.0
         self.schema_ready = False
-        self.sending: Send | None = None
-        self.watermark: AdvanceWatermark | None = None
-        self.sent_at = 0.0  # of the commit or watermark in flight
         self.stopped = False
+        self.stop_request: tuple[Any, StopChild] | None = None
         self.waiting = "starting"
         self.last_problem = ""
         self.counts = {"sent": 0, "acked": 0, "synced_records": 0, "bytes_sent": 0,
@@ -139,7 +167,8 @@ class UplinkActor(SupervisedActor):
     def on_init(self) -> None:
         settings: UplinkActorSettings = self.settings
         self.config = s = settings.uplink
-        self.sink = make_sink(s)
+        self.channels = {name: Channel(name, make_sink(s), ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"uplink-{name}")) for name in CHANNEL_LANES}
         self.budget = make_budget(s)
         self.windows = SyncWindows(s.windows)
         if s.mode != DIRECT and s.model_updates and settings.model.enabled:
@@ -148,7 +177,7 @@ class UplinkActor(SupervisedActor):
             self.keys = KeyRing.single(nacl.signing.SigningKey.generate())
         else:
             self.keys = KeyRing(s.keys_dir or Path(self.data_dir or ".") / "keys")
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-post")
+        self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-build")
         log().info("uplink to %s (%s mode, link %s)", s.url, s.mode,
                    s.link_file or s.link)
         self.start_timer("resend", RESEND_AFTER_S)
@@ -156,8 +185,12 @@ class UplinkActor(SupervisedActor):
 
     # ---- the loop -------------------------------------------------------------------------
     def busy(self) -> bool:
-        return (self.commit is not None or self.post is not None
-                or self.watermark is not None or self.model_step is not None)
+        """Anything in flight (a stop waits for it)."""
+        return (self.journal_busy() or bool(self.marks) or self.model_step is not None
+                or any(c.post is not None for c in self.channels.values()))
+
+    def journal_busy(self) -> bool:
+        return self.commit is not None or self.watermark is not None
 
     def open(self) -> bool:
         """Open the journal read-only and build the `Uplink` (the journal may still be
@@ -169,18 +202,26 @@ class UplinkActor(SupervisedActor):
         except JournalError:
             return False
         s = self.config
-        assert self.sink is not None and self.keys is not None
+        assert self.keys is not None
         self.uplink = Uplink(self.reader, BatchPlanner(s.max_records, s.max_raw_bytes),
-                             self.sink, self.budget, self.windows,
+                             self.channels[BULK].sink, self.budget, self.windows,
                              Backoff(s.backoff_base_s, s.backoff_cap_s), self.keys,
                              s.gateway_id, s.link,
                              linger_s={"P2": s.p2_linger_s, "P3": s.p3_linger_s})
+        self.uplink.defer_build = lambda batch: batch.lane != P1
         log().info("uplink resumes with %d pending batches", len(self.uplink.pending()))
         return True
 
     def step(self) -> None:
         """Do the next thing: persist a changed plan, send a batch, or wait."""
-        if self.stopped or self.busy():
+        if self.stopped:
+            self.finish_stop()
+            return
+        if self.journal_busy():
+            return
+        if self.marks:
+            self.watermark = self.marks.pop(0)
+            self.send_in_flight()
             return
         s = self.config
         if not self.open():
@@ -200,35 +241,69 @@ class UplinkActor(SupervisedActor):
             self.wait(f"no link ({s.link_file} names none)", s.poll_s)
             return
         self.uplink.link_class = link
-        choice = self.uplink.next_send(now)
+        free = [c for c in self.channels.values() if c.post is None
+                and not (c.name == BULK and self.model_step is not None)]
+        if not free:
+            return  # a POST's answer steps again
+        choice = self.uplink.next_send(now, [lane for c in free for lane in CHANNEL_LANES[c.name]])
+        self.start_builds()
         if isinstance(choice, Wait):
             linger = self.uplink.linger_wait_s(now)
             if linger is not None and linger < choice.seconds:
                 choice = Wait(linger, "a lane's backlog lingers for a fuller batch"
                               if choice.reason == NOTHING else choice.reason)
-            if self.model_update_due(link, now):
+            if self.channels[BULK] in free and self.model_update_due(link, now):
                 return
             self.wait(choice.reason, choice.seconds)
             return
-        assert self.pool is not None
+        channel = self.channels[channel_of(choice.batch.lane)]
         self.waiting = "sending"
-        self.sending = choice
-        self.post = self.pool.submit(self.post_batch, choice.signed)
+        channel.sending = choice
+        channel.post = channel.pool.submit(self.post_batch, channel.sink, choice.signed)
         self.start_timer("post", POST_POLL_S)
+        self.step()  # the other channel may have something to send too
 
-    def post_batch(self, signed: SignedBatch) -> PostResult:
-        """Worker thread: the POST (direct mode: the tables are made first, once)."""
-        assert self.sink is not None
+    # ---- P2/P3 batches are built (read, encoded, compressed, signed) in another thread -----
+    def start_builds(self) -> None:
+        assert self.uplink is not None and self.builder is not None
+        for batch, key in list(self.uplink.build_requests.items()):
+            if batch not in self.builds:
+                self.builds[batch] = self.builder.submit(self.build_batch, batch, key)
+        if self.builds:
+            self.start_timer("build", BUILD_POLL_S)
+
+    def build_batch(self, batch: PlannedBatch, key: nacl.signing.SigningKey
+                    ) -> SignedBatch | None:
+        """Builder thread: the batch's signed form, read through the thread's own reader."""
+        reader = getattr(self.build_reader, "reader", None)
+        if reader is None:
+            reader = self.build_reader.reader = JournalReader(journal_path(self.data_dir))
+        assert self.uplink is not None
+        return self.uplink.planner.build(reader, batch, key, self.config.gateway_id)
+
+    def on_timer_build(self) -> None:
+        assert self.uplink is not None
+        for batch, future in list(self.builds.items()):
+            if future.done():
+                del self.builds[batch]
+                self.uplink.set_built(batch, future.result())  # a failed build crashes us
+        if self.builds:
+            self.start_timer("build", BUILD_POLL_S)
+        self.step()
+
+    def post_batch(self, sink: BatchSink, signed: SignedBatch) -> PostResult:
+        """A channel's worker thread: the POST (direct mode: the tables are made first; an
+        idempotent CREATE ... IF NOT EXISTS, so both channels may race to it)."""
         if self.config.mode == DIRECT and not self.schema_ready:
             from actors.uplink.direct import DirectError
 
             try:
-                self.sink.ensure_schema()  # type: ignore[attr-defined]
+                sink.ensure_schema()  # type: ignore[attr-defined]
             except DirectError as exc:
                 return PostResult(exc.status, None, f"creating the tables: {exc.reason}", 0,
                                   0.0)
             self.schema_ready = True
-        return self.sink.post(signed)
+        return sink.post(signed)
 
     # ---- model updates --------------------------------------------------------------------
     def model_update_due(self, link: str, now: float) -> bool:
@@ -237,10 +312,9 @@ class UplinkActor(SupervisedActor):
         if (self.updater is None or now < self.next_model_step
                 or not self.windows.open("P3", time.time())):
             return False
-        assert self.pool is not None
         self.updater.link_class = link
         self.waiting = "model update"
-        self.model_step = self.pool.submit(self.updater.step, now)
+        self.model_step = self.channels[BULK].pool.submit(self.updater.step, now)
         self.start_timer("model", MODEL_POLL_S)
         return True
 
@@ -271,14 +345,20 @@ class UplinkActor(SupervisedActor):
         self.step()
 
     def on_timer_post(self) -> None:
-        if self.post is None:
-            return
-        if not self.post.done():
+        for channel in self.channels.values():
+            if channel.post is not None and channel.post.done():
+                self.on_answer(channel)
+        if any(c.post is not None for c in self.channels.values()):
             self.start_timer("post", POST_POLL_S)
-            return
-        post, send = self.post, self.sending
-        self.post = self.sending = None
-        assert send is not None and self.uplink is not None
+        self.step()
+
+    def on_answer(self, channel: Channel) -> None:
+        """A channel's POST is answered: judge it; acknowledged -> its watermark is queued
+        for the journal."""
+        assert channel.post is not None and channel.sending is not None
+        assert self.uplink is not None
+        post, send = channel.post, channel.sending
+        channel.post = channel.sending = None
         result = post.result()  # the sink never raises for the network: anything else crashes
         self.counts["sent"] += 1
         self.counts["bytes_sent"] += result.sent_bytes
@@ -287,10 +367,9 @@ class UplinkActor(SupervisedActor):
         if outcome.action == ACKED:
             self.counts["acked"] += 1
             self.counts["synced_records"] += batch.count
-            self.watermark = AdvanceWatermark(batch.device_id, batch.lane,
-                                              outcome.watermark or batch.seq_hi,
-                                              random.SystemRandom().getrandbits(62))
-            self.send_in_flight()
+            self.marks.append(AdvanceWatermark(batch.device_id, batch.lane,
+                                               outcome.watermark or batch.seq_hi,
+                                               random.SystemRandom().getrandbits(62)))
             return
         if outcome.action == SPLIT:
             self.counts["splits"] += 1
@@ -301,7 +380,6 @@ class UplinkActor(SupervisedActor):
                           batch.lane, batch.seq_lo, batch.seq_hi, outcome.reason,
                           outcome.retry_after_s)
         self.last_problem = outcome.reason
-        self.step()
 
     # ---- the journal's answers ------------------------------------------------------------
     def send_in_flight(self) -> None:
@@ -312,7 +390,7 @@ class UplinkActor(SupervisedActor):
             self.send(journal, message)
 
     def on_timer_resend(self) -> None:
-        if self.busy() and self.post is None and time.monotonic() - self.sent_at > RESEND_AFTER_S:
+        if self.journal_busy() and time.monotonic() - self.sent_at > RESEND_AFTER_S:
             self.send_in_flight()
         self.start_timer("resend", RESEND_AFTER_S)
 
@@ -357,16 +435,27 @@ class UplinkActor(SupervisedActor):
 
     # ---- stop -----------------------------------------------------------------------------
     def on_stop(self, msg: StopChild, sender: Any) -> None:
-        # Nothing to flush: pending batches are in the journal; a POST in flight is resent
-        # after the next start and answered "duplicate" if it was stored.
+        # Nothing to flush: pending batches are in the journal. What is in flight (a POST, its
+        # watermark) is finished first, so that after an orderly stop the journal's synced
+        # records are exactly central's; should the supervisor's shutdown timeout cut it
+        # short, the batch is resent after the next start and answered "duplicate".
         self.stopped = True
-        self.reply_stopped(sender, msg, clean=True)
+        self.stop_request = (sender, msg)
+        self.finish_stop()
+
+    def finish_stop(self) -> None:
+        if self.stop_request is not None and not self.busy():
+            requester, msg = self.stop_request
+            self.stop_request = None
+            self.reply_stopped(requester, msg, clean=True)
 
     def on_exit(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        if self.post is None and self.sink is not None:
-            self.sink.close()
+        if self.builder is not None:
+            self.builder.shutdown(wait=False, cancel_futures=True)
+        for channel in self.channels.values():
+            channel.pool.shutdown(wait=False, cancel_futures=True)
+            if channel.post is None:
+                channel.sink.close()
         if self.model_step is None and self.updater is not None:
             self.updater.close()
         if self.reader is not None:

@@ -135,3 +135,8 @@ class KeyRing:
             return reason
         self._missing.pop(device_id, None)
         return self._keys[device_id]
+
+    def forget(self, device_id: str) -> None:
+        """Read the device's key file again at the next use (it may have been re-keyed)."""
+        self._keys.pop(device_id, None)
+        self._missing.pop(device_id, None)

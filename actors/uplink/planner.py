@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import nacl.signing
 
-from actors.journal.reader import JournalReader, Record
+from actors.journal.reader import JournalReader
 from actors.uplink import envelope, wire
 
 #: Lanes the uplink syncs, in priority order (EPHEMERAL stays local).
@@ -117,27 +117,27 @@ class BatchPlanner:
             ahead.setdefault(batch.key, []).append(batch)
         planned = []
         for lane in lanes:
-            for device_id in reader.lane_backlog(lane, upto):
+            for device_id in reader.lane_devices(lane, upto):
                 queued = ahead.get((device_id, lane), [])
                 if len(queued) >= depth:
                     continue
                 after = max([marks.get(device_id, {}).get(lane, 0)]
                             + [b.seq_hi for b in queued])
-                records = self._fit(reader.read_lane(lane, device_id, after, upto,
-                                                     self.max_records[lane]))
-                if records:
+                seqs = self._fit(reader.lane_sizes(lane, device_id, after, upto,
+                                                   self.max_records[lane]))
+                if seqs:
                     planned.append(PlannedBatch(device_id, reader.generation, lane,
-                                                records[0].seq, records[-1].seq, len(records)))
+                                                seqs[0], seqs[-1], len(seqs)))
         return planned
 
-    def _fit(self, records: list[Record]) -> list[Record]:
-        """The longest prefix within ``max_raw_bytes`` (at least one record)."""
+    def _fit(self, sizes: list[tuple[int, int]]) -> list[int]:
+        """The seqs of the longest prefix within ``max_raw_bytes`` (at least one record)."""
         total = 0
-        for i, record in enumerate(records):
-            total += len(record.payload.encode()) + RECORD_OVERHEAD_BYTES
+        for i, (_, nbytes) in enumerate(sizes):
+            total += nbytes + RECORD_OVERHEAD_BYTES
             if total > self.max_raw_bytes and i > 0:
-                return records[:i]
-        return records
+                return [seq for seq, _ in sizes[:i]]
+        return [seq for seq, _ in sizes]
 
     @staticmethod
     def build(reader: JournalReader, batch: PlannedBatch, signing_key: nacl.signing.SigningKey,

@@ -1,13 +1,15 @@
 """The uplink's logic, one step at a time: plan, pick the next batch to send, judge the answer.
 
-Where this sits on the data path: step 6. The actor shell (next) drives an `Uplink` in a loop:
+Where this sits on the data path: step 6. The actor shell (actors/uplink/actor.py) drives an
+`Uplink` in a loop:
 
 1. ``state = uplink.plan()``; when not None, commit it to the journal as a state-only
    ``ConsumerCommit("uplink", request_id, cursor, cursor, state=state)`` and wait for
    ``ConsumerCommitted`` — batch boundaries are durable BEFORE their first send.
-2. ``choice = uplink.next_send(now)``: a `Send` (post ``choice.signed``) or a `Wait` (sleep
-   ``seconds``, or until ``NewRecords`` arrives). It only ever picks batches read back from the
-   journal's stored state, so an unpersisted batch is never sent.
+2. ``choice = uplink.next_send(now, lanes)``: a `Send` (post ``choice.signed``) or a `Wait`
+   (sleep ``seconds``, or until ``NewRecords`` arrives); ``lanes``: those whose POST channel is
+   free (the actor posts P1 on a channel of its own). It only ever picks batches read back
+   from the journal's stored state, so an unpersisted batch is never sent.
 3. ``outcome = uplink.on_result(choice, client.post(choice.signed), now)`` (or steps 2-3 in
    one: ``uplink.send_one(now)``); on ``ACKED`` send ``AdvanceWatermark(device_id, lane,
    outcome.watermark)`` and wait for its reply before the next step.
@@ -15,7 +17,9 @@ Where this sits on the data path: step 6. The actor shell (next) drives an `Upli
 Order within a (device, lane): only its lowest pending batch is ever in flight, and a watermark
 moves to a batch's ``seq_hi`` only when it is acknowledged — so a watermark never covers a
 record central has not got, and eviction of "synced" records (I7) never loses data (habit 9).
-Between keys: lanes in priority order, then the key sent least recently (no device starves).
+Between keys: lanes in priority order, then the key sent least recently (no device starves);
+a lower lane with a batch ready goes after at most `STARVE_AFTER` consecutive higher-lane sends
+(a steady P1 stream cannot starve P3).
 
 Answers: 200 ok/duplicate -> acked; 409 (central holds another body under this identity: the
 first version, sent before eviction shrank the batch) -> acked, the records are central;
@@ -31,7 +35,7 @@ refusal -> that key alone backs off, at least `LATER_MIN_S`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import nacl.signing
@@ -59,8 +63,14 @@ IDLE_S = 5.0
 LATER_MIN_S = 60.0
 #: The receiver's success statuses (`central.receiver`).
 STORED = ("ok", "duplicate")
-HTTP_OK, HTTP_CONFLICT = 200, 409
+HTTP_OK, HTTP_UNAUTHORIZED, HTTP_CONFLICT = 200, 401, 409
 NOTHING = "nothing to send"
+#: Lanes go in priority order (P1, P2, P3), but a lower lane with a batch ready goes after at
+#: most this many consecutive sends of higher lanes: a steady P1 stream cannot starve P3, and
+#: P1 waits for at most one lower-lane POST in STARVE_AFTER + 1.
+STARVE_AFTER = 3
+#: How soon to look again at a batch being built in another thread.
+BUILD_WAIT_S = 0.01
 ACKED = "acked"
 
 
@@ -115,6 +125,11 @@ class Uplink:
         self._key_holds: dict[tuple[str, str], tuple[float, str]] = {}
         self._sent_at: dict[tuple[str, str], int] = {}
         self._sends = 0
+        self._passed_over = 0  # consecutive sends while a lower lane had a batch pending
+        #: Which batches another thread builds (the actor: P2/P3, so that encoding and zstd
+        #: never hold up a P1 send); their requests wait in `build_requests`.
+        self.defer_build: Callable[[PlannedBatch], bool] = lambda batch: False
+        self.build_requests: dict[PlannedBatch, nacl.signing.SigningKey] = {}
 
     def pending(self) -> list[PlannedBatch]:
         """The batches persisted in the journal (the only ones ever sent)."""
@@ -136,6 +151,7 @@ class Uplink:
         pending = live + self._ripe(new, time.monotonic() if now is None else now)
         self._finished &= set(stored)
         self._signed = {b: s for b, s in self._signed.items() if b in pending}
+        self.build_requests = {b: k for b, k in self.build_requests.items() if b in pending}
         return None if pending == stored else pending_to_state(pending)
 
     def _ripe(self, batches: list[PlannedBatch], now: float) -> list[PlannedBatch]:
@@ -158,18 +174,28 @@ class Uplink:
                  for (_, lane), since in self._backlog_since.items()]
         return max(0.0, min(waits)) if waits else None
 
-    def next_send(self, now: float) -> Send | Wait:
-        """The next persisted batch the link policy lets go now (its bytes are then spent from
-        the link budget), or how long to wait and why."""
+    def next_send(self, now: float, lanes: Sequence[str] = SYNCED_LANES) -> Send | Wait:
+        """The next persisted batch of ``lanes`` the link policy lets go now (its bytes are
+        then spent from the link budget), or how long to wait and why."""
         hold_until, why = self._link_hold
         if now < hold_until:
             return Wait(hold_until - now, why)
         heads: dict[tuple[str, str], PlannedBatch] = {}
         for batch in self._live(self.pending()):
+            if batch.lane not in lanes:
+                continue
             if batch.key not in heads or batch.seq_lo < heads[batch.key].seq_lo:
                 heads[batch.key] = batch
         waits: list[Wait] = []
+        ready: list[Send] = []
+        lower_pending = False
         for batch in sorted(heads.values(), key=self._priority):
+            if ready:
+                if batch.lane == ready[0].batch.lane:
+                    continue
+                lower_pending = True
+                if self._passed_over < STARVE_AFTER:
+                    break  # the top lane goes; nothing lower needs building or budget now
             hold_until, why = self._key_holds.get(batch.key, (0.0, ""))
             closed = (None if self.windows.open(batch.lane, self.wall_clock())
                       else f"{batch.lane} is outside its sync windows")
@@ -182,17 +208,32 @@ class Uplink:
                 later = min(LATER_MIN_S, self.backoff.cap_s)
                 self._key_holds[batch.key] = (now + later, key)
                 waits.append(Wait(later, key))
+            elif batch not in self._signed and self.defer_build(batch):
+                self.build_requests[batch] = key  # built elsewhere, then `set_built`
+                waits.append(Wait(BUILD_WAIT_S, f"building a {batch.lane} batch"))
             elif (signed := self._build(batch, key)) is None:
                 self._finished.add(batch)  # nothing left of it: dropped at the next plan
             elif (wait_s := self.budget.wait_s(self.link_class, batch.lane,
                                                len(signed.body))) > 0:
                 waits.append(Wait(wait_s, f"{batch.lane} link budget"))
             else:
-                self.budget.spend(self.link_class, batch.lane, len(signed.body))
-                self._sends += 1
-                self._sent_at[batch.key] = self._sends
-                return Send(batch, signed)
-        return min(waits, key=lambda w: w.seconds, default=Wait(IDLE_S, NOTHING))
+                ready.append(Send(batch, signed))
+                if len(ready) == 2:
+                    break
+        if not ready:
+            return min(waits, key=lambda w: w.seconds, default=Wait(IDLE_S, NOTHING))
+        choice = ready[1] if len(ready) > 1 else ready[0]  # [1] only once STARVE_AFTER is hit
+        self._passed_over = self._passed_over + 1 if choice is ready[0] and lower_pending else 0
+        self.budget.spend(self.link_class, choice.batch.lane, len(choice.signed.body))
+        self._sends += 1
+        self._sent_at[choice.batch.key] = self._sends
+        return choice
+
+    def set_built(self, batch: PlannedBatch, signed: SignedBatch | None) -> None:
+        """The signed form of ``batch``, built elsewhere (see ``defer_build``)."""
+        self.build_requests.pop(batch, None)
+        if batch in self._live(self.pending()):
+            self._signed[batch] = signed
 
     def _priority(self, batch: PlannedBatch) -> tuple[int, int, str]:
         return (SYNCED_LANES.index(batch.lane), self._sent_at.get(batch.key, 0),
@@ -236,6 +277,10 @@ class Uplink:
             detail = body.get("reason") or (result.error if result.status else None)
             if detail:
                 reason = f"{reason}: {str(detail)[:300]}"
+        if result.status == HTTP_UNAUTHORIZED:  # re-keyed? read the key file again
+            self.keys.forget(batch.device_id)
+            self._signed = {b: s for b, s in self._signed.items()
+                            if b.device_id != batch.device_id}
         if verdict_action == SPLIT and batch.count > 1:
             size = self.planner.split(batch.lane, batch.count)
             self._finished.add(batch)

@@ -26,15 +26,19 @@ def make_gateway(tmp_path):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_gateway_process_is_left_behind():
+def no_gateway_process_is_left_behind(tmp_path_factory):
     """After the whole session, no gateway or actor process of these tests may remain."""
+    ours = str(tmp_path_factory.getbasetemp())
     yield
     import psutil
 
     leftovers = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "tools.cli run" in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+        # Only this session's gateways (their configs live under pytest's temporary
+        # directories): a benchmark or a real gateway on the same machine is not ours.
+        if ("tools.cli run" in cmd and ours in cmd
+                and proc.info["status"] != psutil.STATUS_ZOMBIE):
             leftovers.append((proc.info["pid"], cmd[:100]))
             proc.kill()
     assert not leftovers, f"gateway processes left running: {leftovers}"
