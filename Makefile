@@ -1,4 +1,5 @@
-# fleetgw: `make demo` runs the gateway on its embedded defaults, `make test` runs the checks.
+# fleetgw: `make demo` runs the gateway on its embedded defaults with a central receiver on
+# loopback through a link outage, `make test` runs the checks.
 # Both set everything up on a fresh machine (a .venv with the project installed).
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fleetgw run --config config/demo.toml --duration 60
+	$(BIN)/fleetgw demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

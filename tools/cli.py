@@ -153,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     prdevice.add_argument("--replace", action="store_true",
                           help="re-key a device that has a key or is registered")
 
+    demo = sub.add_parser("demo", help="the whole mission on this machine: gateway, HTTPS "
+                          "receiver on chdb, a link cut, and the reconciliation (make demo)")
+    demo.add_argument("--data-dir", default="data", help="its files go to DATA_DIR/demo, made "
+                      "afresh (default ./data)")
+    demo.add_argument("--up-s", type=_positive_float, default=20.0,
+                      help="seconds with the link up first (default 20)")
+    demo.add_argument("--cut-s", type=_positive_float, default=20.0,
+                      help="seconds the link is cut (default 20)")
+    demo.add_argument("--after-s", type=_positive_float, default=20.0,
+                      help="seconds with the link back before the gateway stops (default 20)")
     recon = sub.add_parser("reconcile", help="per device: what the journal synced beside what "
                            "central holds (FINAL, raw, duplicates); exit 1 if I5 fails")
     recon.add_argument("--data-dir", default="data", help="the gateway's data dir (journal.db)")
@@ -238,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.model_cmd import model_command
 
         return model_command(args)
+    if args.command == "demo":
+        from tools.demo import demo_command
+
+        return demo_command(args.data_dir, args.up_s, args.cut_s, args.after_s)
     if args.command == "reconcile":
         from tools.reconcile import reconcile_command
 

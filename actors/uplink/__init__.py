@@ -1,6 +1,6 @@
 """The uplink: delayed sync of journal lanes to the central ClickHouse (data path step 6).
 
-Built so far (issue 5, in progress):
+The modules:
 - `envelope`: the signed batch — identity + body sha256 signed with Ed25519, zstd/gzip, and
   the checks the receiver runs before anything is decompressed or stored;
 - `wire`: ``fleetgw.cols/1``, the column-wise, delta-encoded, lossless body (`varint`: its
@@ -10,8 +10,11 @@ Built so far (issue 5, in progress):
 - `planner`: batch boundaries per (device, lane) in lane priority, bounded by the router's
   cursor, persisted as consumer state before the first send and rebuilt byte-identically;
 - `client`: the pycurl POST (keep-alive, timeouts, mTLS) that never raises for the network;
-- `uplink`: `Uplink`, one send at a time: what to send next or why to wait, and what an
-  answer means (acknowledged: advance the watermark; retry; split; later).
-
-Next: the Uplink actor shell in the tree, provisioning, model updates over the air, the demo.
+- `uplink`: `Uplink`: what to send next or why to wait, and what an answer means
+  (acknowledged: advance the watermark; retry; split; later);
+- `keys`: each device's signing key (`fleetgw provision device`);
+- `actor`: `UplinkActor`, the shell in the tree (state commits, POST channels, builder thread,
+  watermarks, model updates);
+- `direct`: direct mode, INSERTs straight into a ClickHouse server;
+- `model_update`: newer signed models from the receiver into the model registry.
 """
