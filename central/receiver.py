@@ -33,6 +33,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -400,6 +401,16 @@ class ReceiverServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         host = f"[{host}]" if ":" in host else host
         return f"{'https' if self.ssl_context else 'http'}://{host}:{port}"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection the client (or its link) dropped is normal on flaky links: one line.
+        Anything else is a defect: the traceback, in the log."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError, ssl.SSLError)):
+            LOG.info("%s", logfmt({"event": "connection-dropped", "peer": client_address[0],
+                                   "error": type(exc).__name__}))
+            return
+        LOG.exception("%s", logfmt({"event": "connection-error", "peer": client_address[0]}))
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
         if isinstance(request, ssl.SSLSocket):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 
 CHUNK = 65536
@@ -76,10 +77,7 @@ class LinkProxy:
         with self._lock:
             sockets, self._open = list(self._open), set()
         for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00"
-                                b"\x00\x00\x00\x00")  # close with RST
-                sock.close()
+            _drop(sock)
 
     def _accept(self) -> None:
         while not self._closed:
@@ -88,9 +86,7 @@ class LinkProxy:
             except OSError:
                 return
             if self.state == CUT:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                  b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                client.close()
+                _drop(client)
                 continue
             try:
                 server = socket.create_connection(self.target, timeout=5)
@@ -125,8 +121,18 @@ class LinkProxy:
         finally:
             if self.state != HOLD:
                 for sock in (src, dst):
-                    with contextlib.suppress(OSError):
-                        sock.close()
+                    _drop(sock)
                 with self._lock:
                     self._open.discard(src)
                     self._open.discard(dst)
+
+
+def _drop(sock: socket.socket) -> None:
+    """End a connection now: shutdown first (close alone does not wake another thread blocked
+    in recv on it, so the peer would wait for an answer forever), then close with RST."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()

@@ -29,6 +29,7 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,12 @@ def current_link(settings: UplinkSettings) -> str | None:
     except OSError:
         return None
     return name or None
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` for a log line: a ``user:password@`` in it is left out."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def make_sink(settings: UplinkSettings) -> BatchSink:
@@ -178,7 +185,7 @@ class UplinkActor(SupervisedActor):
         else:
             self.keys = KeyRing(s.keys_dir or Path(self.data_dir or ".") / "keys")
         self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="uplink-build")
-        log().info("uplink to %s (%s mode, link %s)", s.url, s.mode,
+        log().info("uplink to %s (%s mode, link %s)", without_userinfo(s.url), s.mode,
                    s.link_file or s.link)
         self.start_timer("resend", RESEND_AFTER_S)
         self.step()

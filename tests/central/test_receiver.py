@@ -11,9 +11,12 @@ import datetime as dt
 import io
 import ipaddress
 import json
+import logging
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -473,3 +476,20 @@ def test_serve_runs_until_sigterm_and_query_waits_for_its_path(tmp_path):
     done = _fleetgw("query", "SELECT count() FROM readings FINAL", "--config", str(config),
                     "--format", "TSV")
     assert (done.returncode, done.stdout) == (0, "4\n")
+
+
+def test_a_client_resetting_its_connection_is_one_log_line_not_a_traceback(serve, caplog,
+                                                                           capsys):
+    server = serve()
+    host, port = server.server_address[:2]
+    with caplog.at_level(logging.INFO, logger="fleetgw.central"):
+        sock = socket.create_connection((host, port))
+        sock.sendall(b"POST /v1/batches HTTP/1.1\r\nContent-Len")  # cut mid-request
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST: the link dropped
+        deadline = time.monotonic() + 30
+        while "connection-dropped" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "event=connection-dropped" in caplog.text
+    assert "Traceback" not in capsys.readouterr().err + caplog.text
+    assert get(server.url, "/v1/health") == 200  # and it keeps serving

@@ -27,7 +27,8 @@ DEVICE = "veh-001"
 
 def uplink_section(central: CentralProcess, **overrides) -> dict:
     return {"url": central.url, "p2_linger_s": 0.2, "p3_linger_s": 0.5, "max_records": 400,
-            "backoff_base_s": 0.2, "backoff_cap_s": 2.0, "poll_s": 0.2, **overrides}
+            "backoff_base_s": 0.2, "backoff_cap_s": 2.0, "poll_s": 0.2,
+            "total_timeout_s": 15.0, **overrides}
 
 
 def start_gateway(make_gateway, central: CentralProcess, sensors=None, **uplink):
