@@ -18,8 +18,8 @@ Order within a (device, lane): only its lowest pending batch is ever in flight, 
 moves to a batch's ``seq_hi`` only when it is acknowledged — so a watermark never covers a
 record central has not got, and eviction of "synced" records (I7) never loses data (habit 9).
 Between keys: lanes in priority order, then the key sent least recently (no device starves);
-a lower lane with a batch ready goes after at most `STARVE_AFTER` consecutive higher-lane sends
-(a steady P1 stream cannot starve P3).
+after `STARVE_AFTER` consecutive sends while a lower lane waited, a ready lower lane goes (the
+one sent least recently): steady P1 and P2 streams cannot starve P3.
 
 Answers: 200 ok/duplicate -> acked; 409 (central holds another body under this identity: the
 first version, sent before eviction shrank the batch) -> acked, the records are central;
@@ -65,9 +65,9 @@ LATER_MIN_S = 60.0
 STORED = ("ok", "duplicate")
 HTTP_OK, HTTP_UNAUTHORIZED, HTTP_CONFLICT = 200, 401, 409
 NOTHING = "nothing to send"
-#: Lanes go in priority order (P1, P2, P3), but a lower lane with a batch ready goes after at
-#: most this many consecutive sends of higher lanes: a steady P1 stream cannot starve P3, and
-#: P1 waits for at most one lower-lane POST in STARVE_AFTER + 1.
+#: Lanes go in priority order (P1, P2, P3), but after this many consecutive sends while a lower
+#: lane had a batch pending, the ready lower lane sent least recently goes: steady P1 and P2
+#: streams cannot starve P3 (the lower lanes take turns).
 STARVE_AFTER = 3
 #: How soon to look again at a batch being built in another thread.
 BUILD_WAIT_S = 0.01
@@ -126,6 +126,7 @@ class Uplink:
         self._sent_at: dict[tuple[str, str], int] = {}
         self._sends = 0
         self._passed_over = 0  # consecutive sends while a lower lane had a batch pending
+        self._lane_sent_at: dict[str, int] = {}
         #: Which batches another thread builds (the actor: P2/P3, so that encoding and zstd
         #: never hold up a P1 send); their requests wait in `build_requests`.
         self.defer_build: Callable[[PlannedBatch], bool] = lambda batch: False
@@ -218,15 +219,15 @@ class Uplink:
                 waits.append(Wait(wait_s, f"{batch.lane} link budget"))
             else:
                 ready.append(Send(batch, signed))
-                if len(ready) == 2:
-                    break
         if not ready:
             return min(waits, key=lambda w: w.seconds, default=Wait(IDLE_S, NOTHING))
-        choice = ready[1] if len(ready) > 1 else ready[0]  # [1] only once STARVE_AFTER is hit
+        choice = ready[0]
+        if len(ready) > 1:  # only once STARVE_AFTER is hit: the lower lane sent least recently
+            choice = min(ready[1:], key=lambda s: self._lane_sent_at.get(s.batch.lane, -1))
         self._passed_over = self._passed_over + 1 if choice is ready[0] and lower_pending else 0
         self.budget.spend(self.link_class, choice.batch.lane, len(choice.signed.body))
         self._sends += 1
-        self._sent_at[choice.batch.key] = self._sends
+        self._sent_at[choice.batch.key] = self._lane_sent_at[choice.batch.lane] = self._sends
         return choice
 
     def set_built(self, batch: PlannedBatch, signed: SignedBatch | None) -> None:
