@@ -13,6 +13,7 @@ that two receivers got at once, leaves one copy (I5).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import os
@@ -20,7 +21,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 from actors.uplink.envelope import BatchHeader
@@ -37,6 +38,8 @@ from central.schema import (
 )
 
 INSERTED, DUPLICATE = "ok", "duplicate"
+#: The lane whose batches the embedded backend stores first when statements queue.
+URGENT_LANE = "P1"
 #: Output format of `Backend.query` unless the SQL names its own.
 DEFAULT_QUERY_FORMAT = "PrettyCompactMonoBlock"
 INSERT_FORMAT = "Native"
@@ -173,18 +176,45 @@ def _brief(exc: BaseException) -> str:
     return str(exc).split(" Stack trace", 1)[0].split("\n", 1)[0].rstrip(" ,(")
 
 
+class _Turns:
+    """One statement at a time (a chdb session is not thread-safe); statements of urgent (P1)
+    batches that wait go before the others, so a safety event waits for at most the one
+    statement running, not for every statement of a large P3 batch queued before it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._urgent_waiting = 0
+
+    @contextlib.contextmanager
+    def hold(self, urgent: bool) -> Iterator[None]:
+        with self._cond:
+            self._urgent_waiting += urgent
+            while self._busy or (not urgent and self._urgent_waiting):
+                self._cond.wait()
+            self._urgent_waiting -= urgent
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
 class ChdbBackend(ClickHouseBackend):
     """Embedded ClickHouse (chdb) storing in the directory ``path``.
 
     One process per path (ClickHouse locks ``path/status``), and one path per process: a
     running ``fleetgw central serve`` owns its path, so ``fleetgw central query`` cannot open
-    it meanwhile (BackendLocked says so). A chdb session is not thread-safe: every call runs
-    under one lock, so the receiver's request threads take turns.
+    it meanwhile (BackendLocked says so). A chdb session is not thread-safe: the receiver's
+    request threads take turns, one statement at a time, P1 batches' statements first.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.path.abspath(path)
-        self._lock = threading.Lock()
+        self._turns = _Turns()
+        self._thread = threading.local()  # .urgent: this thread stores a P1 batch
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise BackendError(f"chdb path {self.path} is not a directory ([backend] path)")
         try:
@@ -206,8 +236,20 @@ class ChdbBackend(ClickHouseBackend):
     def __repr__(self) -> str:
         return f"ChdbBackend({self.path!r})"
 
+    def insert_batch(self, header: BatchHeader, signature_hex: str,
+                     rows_by_table: Mapping[str, Sequence[Record]],
+                     received_at: dt.datetime) -> str:
+        self._thread.urgent = header.lane == URGENT_LANE
+        try:
+            return super().insert_batch(header, signature_hex, rows_by_table, received_at)
+        finally:
+            self._thread.urgent = False
+
+    def _hold(self) -> contextlib.AbstractContextManager[None]:
+        return self._turns.hold(getattr(self._thread, "urgent", False))
+
     def _run(self, sql: str, params: Mapping[str, str | int], fmt: str) -> str:
-        with self._lock:
+        with self._hold():
             self._check_open()
             try:
                 return str(self._session.query(sql, fmt, params=dict(params) or None))
@@ -215,7 +257,7 @@ class ChdbBackend(ClickHouseBackend):
                 raise BackendError(f"chdb at {self.path}: {_brief(exc)}") from None
 
     def _insert(self, sql: str, data: bytes) -> None:
-        with self._lock:
+        with self._hold():
             self._check_open()
             try:
                 with self._session.send_insert(sql, INSERT_FORMAT) as inserter:
@@ -229,7 +271,7 @@ class ChdbBackend(ClickHouseBackend):
             raise BackendError(f"chdb at {self.path} is closed")
 
     def close(self) -> None:
-        with self._lock:
+        with self._hold():
             if not self._closed:
                 self._closed = True
                 self._session.close()

@@ -11,7 +11,8 @@ ways. Faults it makes:
   uplink "in the middle of a POST" after central stored it and before the gateway knows;
   ``restore()`` drops what was held (the connection is closed);
 - ``request_forwarded``: set whenever request bytes went to the receiver (the moment to kill
-  the receiver in the middle of an insert).
+  the receiver in the middle of an insert);
+- ``answer_delay_s``: answers arrive that much later (a slow link; a POST stays in flight).
 
 It only ever listens on 127.0.0.1.
 """
@@ -22,6 +23,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 
 CHUNK = 65536
 UP, CUT, HOLD = "up", "cut", "hold"
@@ -36,6 +38,8 @@ class LinkProxy:
         self.answer_held = threading.Event()
         self.request_forwarded = threading.Event()
         self.connections = 0
+        #: Seconds each answer is held back before it is forwarded (a slow link).
+        self.answer_delay_s = 0.0
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", port))
@@ -111,6 +115,8 @@ class LinkProxy:
                 if not request and self.state == HOLD:
                     self.answer_held.set()
                     return  # held: never forwarded; `restore` closes the connection
+                if not request and self.answer_delay_s > 0:
+                    time.sleep(self.answer_delay_s)  # a slow link: the answer comes late
                 if self.state == CUT:
                     break
                 dst.sendall(data)

@@ -221,14 +221,14 @@ class UplinkActor(SupervisedActor):
 
     def step(self) -> None:
         """Do the next thing: persist a changed plan, send a batch, or wait."""
-        if self.stopped:
-            self.finish_stop()
-            return
         if self.journal_busy():
             return
-        if self.marks:
+        if self.marks:  # also while stopping: an acknowledged batch's watermark goes first
             self.watermark = self.marks.pop(0)
             self.send_in_flight()
+            return
+        if self.stopped:
+            self.finish_stop()
             return
         s = self.config
         if not self.open():

@@ -208,3 +208,23 @@ def test_direct_mode_syncs_into_clickhouse_server(make_gateway, clickhouse, clic
         f"WHERE device_id = '{DEVICE}'")) for t in tables)
     # Central may hold a batch whose acknowledgement the stop cut off; never less.
     assert final == unique >= synced > 500
+
+
+def test_an_orderly_stop_finishes_the_post_in_flight(make_gateway, central, device_key):
+    """SIGTERM while a POST is in flight: the uplink waits for the answer and records the
+    watermark, so right after the stop central holds exactly what the journal marks synced."""
+    central.register(DEVICE, device_key)
+    central.start()
+    link = LinkProxy(("127.0.0.1", central.port))
+    try:
+        gw = start_gateway(make_gateway, central, url=link.url)
+        wait_for(lambda: sync_counts(gw)[1] > 200, 60, "records synced")
+        link.answer_delay_s = 1.0  # every answer comes a second late
+        link.request_forwarded.clear()
+        wait_for(link.request_forwarded.is_set, 30, "a POST on its way")
+        assert gw.terminate() == 0, gw.output()[-3000:]
+    finally:
+        link.close()
+    central.stop()
+    (row,) = reconcile(gw, central)
+    assert row["central_final"] == row["central_unique"] == row["synced"] > 200, row
