@@ -41,6 +41,16 @@ def ended(sock: socket.socket) -> bool:
         return True
 
 
+def dropped_on_arrival(port: int) -> bool:
+    """Whether a new connection is ended at once (the reset may even beat connect())."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    except (ConnectionResetError, BrokenPipeError, ConnectionRefusedError):
+        return True
+    with sock:
+        return ended(sock)
+
+
 def test_a_cut_ends_a_connection_waiting_for_its_answer(silent_server):
     link = LinkProxy(silent_server)
     try:
@@ -49,14 +59,13 @@ def test_a_cut_ends_a_connection_waiting_for_its_answer(silent_server):
         assert link.request_forwarded.wait(30)
         link.cut()
         assert ended(client)  # at once, not after the client's own timeout
-        refused = socket.create_connection(("127.0.0.1", link.port), timeout=30)
-        assert ended(refused)  # while cut, a new connection is dropped on arrival
+        assert dropped_on_arrival(link.port)  # while cut
         link.restore()
         link.request_forwarded.clear()
         again = socket.create_connection(("127.0.0.1", link.port), timeout=30)
         again.sendall(b"GET / HTTP/1.1\r\n\r\n")
         assert link.request_forwarded.wait(30)  # forwarded again
-        for sock in (client, refused, again):
+        for sock in (client, again):
             sock.close()
     finally:
         link.close()
