@@ -159,7 +159,7 @@ def receiver_rates(workdir: str, seconds: float = 600.0) -> dict:
     key = nacl.signing.SigningKey(b"b" * 32)
     registry = DeviceRegistry(os.path.join(workdir, "devices"))
     registry.register(device_id, key.verify_key.encode().hex())
-    from actors.uplink.envelope import seal
+    from actors.uplink.envelope import HEADER, SIGNATURE, seal
     from actors.uplink.wire import encode
 
     batches = []
@@ -175,8 +175,8 @@ def receiver_rates(workdir: str, seconds: float = 600.0) -> dict:
         receiver = Receiver(backend, registry, 64 << 20)
         started = time.perf_counter()
         for _, signed in batches:
-            reply = receiver.accept(signed.http_headers()["X-Fleetgw-Batch"],
-                                    signed.http_headers()["X-Fleetgw-Signature"], signed.body)
+            headers = signed.http_headers()
+            reply = receiver.accept(headers[HEADER], headers[SIGNATURE], signed.body)
             assert reply.status == 200, reply.body
         accept_s = time.perf_counter() - started
         backend.query(f"CREATE TABLE raw_readings AS {READINGS}", "TSV")

@@ -231,9 +231,9 @@ class Uplink:
         return choice
 
     def set_built(self, batch: PlannedBatch, signed: SignedBatch | None) -> None:
-        """The signed form of ``batch``, built elsewhere (see ``defer_build``)."""
-        self.build_requests.pop(batch, None)
-        if batch in self._live(self.pending()):
+        """The signed form of ``batch``, built elsewhere (see ``defer_build``); kept only while
+        it is still requested (`plan` drops the requests of batches no longer pending)."""
+        if self.build_requests.pop(batch, None) is not None:
             self._signed[batch] = signed
 
     def _priority(self, batch: PlannedBatch) -> tuple[int, int, str]:
