@@ -22,7 +22,13 @@ import traceback
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
+from thespian.actors import (
+    ActorExitRequest,
+    ActorTypeDispatcher,
+    ThespianWatch,
+    WakeupMessage,
+    WatchMessage,
+)
 
 from messages.supervision import (
     ChildInit,
@@ -99,13 +105,16 @@ class SupervisedActor(ActorTypeDispatcher):
                 self._early.append((message, sender))
             return None
         try:
-            result = super().receiveMessage(message, sender)
+            super().receiveMessage(message, sender)
             while self._early and self.initialised:
                 early, early_sender = self._early.pop(0)
                 super().receiveMessage(early, early_sender)
-            return result
         except Exception:
             self._crash(traceback.format_exc())
+        # Thespian replaces the watched descriptors with what every handler returns, so each
+        # return names them all again (an empty list stops watching).
+        fds = self.watched_fds() if self.initialised else []
+        return ThespianWatch(fds) if fds else None
 
     def _crash(self, trace: str) -> None:
         last = trace.strip().splitlines()[-1] if trace.strip() else "unknown error"
@@ -205,6 +214,9 @@ class SupervisedActor(ActorTypeDispatcher):
     def on_wakeup(self, payload: tuple) -> None:
         """Tuple-payload wakeups (subclasses with per-item timers)."""
 
+    def receiveMsg_WatchMessage(self, msg: WatchMessage, sender: Any) -> None:
+        self.on_readable(list(msg.ready))
+
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         self.on_exit()
 
@@ -228,3 +240,12 @@ class SupervisedActor(ActorTypeDispatcher):
 
     def on_exit(self) -> None:
         """The actor is exiting (ActorExitRequest): release resources."""
+
+    def watched_fds(self) -> list[int]:
+        """File descriptors Thespian should watch for this actor (multiprocTCPBase): when one
+        is readable, ``on_readable`` gets it in the actor's own thread — how a source's
+        socket is served without a thread that sends (THESPIAN_NOTES.md)."""
+        return []
+
+    def on_readable(self, fds: list[int]) -> None:
+        """Some of ``watched_fds()`` are readable."""

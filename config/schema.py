@@ -10,57 +10,36 @@ from typing import Any
 
 import attrs
 
+from config.broker import BrokerSettings
+from config.can import CanSourceSettings
+from config.fields import (
+    FieldProblem,
+    _ident,
+    _non_negative,
+    _one_of,
+    _port,
+    _positive,
+)
+from config.mqtt import (
+    MqttConnection,
+    MqttSettings,
+    MqttSourceSettings,
+    default_client_id,
+)
+from config.nmea import NmeaSourceSettings
+
 DEFAULT_ADMIN_PORT = 19001
 DEFAULT_DISK_BUDGET_BYTES = 1 << 30  # 1 GiB
 DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 
 SENSOR_KINDS = ("imu", "gps", "engine")
-SENSOR_TYPES = ("sim",)
+SENSOR_TYPES = ("sim", "mqtt", "can", "nmea")
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 UPLINK_MODES = ("receiver", "direct")
 SYNCED_LANES = ("P1", "P2", "P3")
 
 
-class FieldProblem(ValueError):
-    """A field's value breaks its rule; ``field`` names it, the message says value and rule."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        self.field = field
-        self.problem = problem
-        super().__init__(f"{field} {problem}")
-
-
-def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or value <= 0:
-        raise FieldProblem(attr.name, f"must be > 0 (got {value!r})")
-
-
-def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or value < 0:
-        raise FieldProblem(attr.name, f"must be >= 0 (got {value!r})")
-
-
-def _one_of(choices: tuple[str, ...]):
-    def check(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-        if value not in choices:
-            raise FieldProblem(attr.name, f"must be one of {', '.join(choices)} (got {value!r})")
-
-    return check
-
-
-def _port(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if not 1024 <= value <= 65535:
-        raise FieldProblem(attr.name, f"must be a TCP port in 1024..65535 (got {value!r})")
-
-
-def _ident(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    from messages.readings import IDENT_RE
-
-    if not IDENT_RE.match(value):
-        raise FieldProblem(
-            attr.name, f"must be 1-128 characters from [A-Za-z0-9_.:-/] (got {value!r})"
-        )
 
 
 @attrs.frozen
@@ -97,6 +76,10 @@ class JournalSettings:
     #: Heartbeat deadline for the journal (seconds without an answer before SIGKILL). A commit
     #: on a slow SD card can take a while: keep this generous.
     heartbeat_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    #: Inputs sources could not decode are kept in the journal's quarantine (raw bytes, source,
+    #: reason, time) for operators: at most this many, the oldest go first (the per-sensor
+    #: totals still count them). `fleetgw journal quarantine` lists them.
+    quarantine_max_rows: int = attrs.field(default=10_000, validator=_positive)
 
     @disk_budget_bytes.validator
     def _check_budget(self, attr: attrs.Attribute, value: int) -> None:
@@ -134,11 +117,14 @@ class SensorSettings:
 
     #: Unique sensor id (the actor is named ``sensor:<id>``).
     id: str = attrs.field(validator=_ident)
-    #: Source type: ``sim`` (seeded synthetic vehicle telemetry).
+    #: Source type: ``sim`` (seeded synthetic vehicle telemetry), ``mqtt`` (subscriptions on
+    #: the [mqtt] broker; the ``mqtt`` table below), ``can`` (a CAN bus decoded with a DBC;
+    #: the ``can`` table) or ``nmea`` (GPS over NMEA 0183; the ``nmea`` table).
     type: str = attrs.field(default="sim", validator=_one_of(SENSOR_TYPES))
-    #: What the simulator produces: ``imu`` (ax..gz), ``gps`` (lat, lon, speed...), ``engine``.
+    #: sim only: what the simulator produces: ``imu`` (ax..gz), ``gps`` (lat, lon, speed...),
+    #: ``engine``.
     kind: str = attrs.field(default="imu", validator=_one_of(SENSOR_KINDS))
-    #: Readings per second.
+    #: sim only: readings per second.
     rate_hz: float = attrs.field(default=10.0, validator=_positive)
     #: Device id of the readings; empty means [gateway].device_id.
     device_id: str = attrs.field(default="")
@@ -155,11 +141,37 @@ class SensorSettings:
     max_in_flight: int = attrs.field(default=16, validator=_positive)
     #: Resend a batch not acknowledged after this many seconds.
     resend_after_s: float = attrs.field(default=3.0, validator=_positive)
+    #: type = "mqtt": topic filters, their device/kind mapping and payload decoders.
+    mqtt: MqttSourceSettings | None = None
+    #: type = "can": the bus (interface, channel, bitrate), the DBC, filters and kinds.
+    can: CanSourceSettings | None = None
+    #: type = "nmea": where the NMEA 0183 stream comes from (serial, TCP or UDP) and which
+    #: sentences count.
+    nmea: NmeaSourceSettings | None = None
+
+    def __attrs_post_init__(self) -> None:
+        tables = {"mqtt": self.mqtt, "can": self.can, "nmea": self.nmea}
+        for name, table in tables.items():
+            if name == self.type and table is None:
+                raise FieldProblem(name, f"is required for a sensor of type {name!r} "
+                                         f"(a [sensors.{name}] table)")
+            if name != self.type and table is not None:
+                raise FieldProblem(name, f"is only for sensors of type {name!r} "
+                                         f"(this one is {self.type!r})")
 
     @device_id.validator
     def _check_device(self, attr: attrs.Attribute, value: str) -> None:
         if value:
             _ident(self, attr, value)
+
+
+@attrs.frozen
+class SensorActorSettings:
+    """What a sensor actor starts with: its ``[[sensors]]`` entry (device id filled in) and,
+    for an MQTT sensor, its broker connection resolved from [mqtt] and [broker]."""
+
+    sensor: SensorSettings
+    mqtt: MqttConnection | None = None
 
 
 @attrs.frozen
@@ -354,6 +366,10 @@ class GatewayConfig:
     model: ModelSettings = ModelSettings()
     uplink: UplinkSettings = UplinkSettings()
     sensors: tuple[SensorSettings, ...] = attrs.field(default=())
+    #: The MQTT broker of ``type = "mqtt"`` sensors (see [broker] for running one locally).
+    mqtt: MqttSettings = MqttSettings()
+    #: A local MQTT broker (mosquitto) the gateway runs and supervises; off by default.
+    broker: BrokerSettings = BrokerSettings()
 
     @sensors.validator
     def _unique_sensors(self, attr: attrs.Attribute, value: tuple[SensorSettings, ...]) -> None:
@@ -366,5 +382,18 @@ class GatewayConfig:
     def device_of(self, sensor: SensorSettings) -> str:
         """The device id a sensor's readings carry."""
         return sensor.device_id or self.gateway.device_id
+
+    def mqtt_connection(self, sensor: SensorSettings) -> MqttConnection:
+        """An MQTT sensor's connection: [mqtt], pointed at the local broker when [broker] runs
+        one, and its client id."""
+        assert sensor.mqtt is not None
+        broker = self.mqtt
+        if self.broker.enabled:
+            host = self.broker.listen_address
+            if host in ("0.0.0.0", "::", ""):
+                host = "127.0.0.1"
+            broker = attrs.evolve(broker, host=host, port=self.broker.port)
+        client_id = sensor.mqtt.client_id or default_client_id(self.device_of(sensor), sensor.id)
+        return MqttConnection(broker, sensor.mqtt, client_id)
 
 

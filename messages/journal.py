@@ -57,17 +57,81 @@ class BatchId:
     batch_no: int
 
 
+#: Bytes of a quarantined input kept in the journal; longer input is cut (``raw_len`` keeps
+#: the original length).
+QUARANTINE_RAW_MAX = 4096
+
+
+@attrs.frozen(slots=True)
+class QuarantinedInput:
+    """Input a source could not turn into readings (I8): kept for operators, never synced.
+
+    ``source`` says where it came from (e.g. ``mqtt:fleet/veh-1/imu``, ``udp://127.0.0.1:10110``,
+    ``can:0x1a0``), ``reason`` why it was refused (one line, for operators), ``raw`` the bytes
+    as received (cut to `QUARANTINE_RAW_MAX`; ``raw_len`` is the original length) and
+    ``received_ns`` when (ns since the epoch).
+    """
+
+    source: str
+    reason: str
+    raw: bytes
+    received_ns: int
+    raw_len: int = -1
+
+    @classmethod
+    def of(cls, source: str, reason: str, raw: bytes, received_ns: int) -> QuarantinedInput:
+        """Build one, cutting ``raw`` and one-line-ing ``reason`` (both bounded)."""
+        raw = bytes(raw)
+        reason = " ".join(str(reason).split())[:500] or "rejected"
+        return cls(source[:200], reason, raw[:QUARANTINE_RAW_MAX], received_ns, len(raw))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.raw) + len(self.reason) + len(self.source) + 40
+
+
+@attrs.frozen(slots=True)
+class SourceMark:
+    """A source's own delivery bookkeeping, committed with the batch that carries it: ``key``
+    of sensor ``sensor_id`` now holds ``value`` (e.g. an MQTT packet id and the fingerprint of
+    the message journaled under it, so a redelivery after a crash is recognised)."""
+
+    key: str
+    value: str
+
+
+@attrs.frozen(slots=True)
+class ReadSourceMarks:
+    """Query from a starting sensor: the source marks its earlier incarnations committed. The
+    journal answers after everything it received before (a dead incarnation's last appends
+    included), so the marks are complete."""
+
+    sensor_id: str
+
+
+@attrs.frozen(slots=True)
+class SourceMarksRead:
+    """Fact: sensor ``sensor_id``'s committed source marks, as (key, value) pairs."""
+
+    sensor_id: str
+    marks: tuple[tuple[str, str], ...]
+
+
 @attrs.frozen(slots=True)
 class Append:
     """Command to the journal: commit this batch, then reply `Appended`.
 
     ``resend_floor``: the sender will never resend batches of this incarnation numbered below
-    it, so the journal may forget their ids.
+    it, so the journal may forget their ids. In the same transaction: ``quarantined`` inputs
+    go to the journal's bounded quarantine, and ``marks`` replace the sensor's source marks of
+    the same keys. ``batch`` is None when a batch carries only those.
     """
 
     batch_id: BatchId
-    batch: ReadingBatch
+    batch: ReadingBatch | None
     resend_floor: int = 0
+    quarantined: tuple[QuarantinedInput, ...] = ()
+    marks: tuple[SourceMark, ...] = ()
 
 
 @attrs.frozen(slots=True)

@@ -20,10 +20,16 @@ from __future__ import annotations
 
 import attrs
 
-from config.schema import GatewayConfig, UplinkActorSettings
+from config.schema import GatewayConfig, SensorActorSettings, UplinkActorSettings
 from supervisors.spec import ChildSpec, Restart, Strategy, SupervisorFlags, SupervisorSpec
 
-SENSOR_CLASSES = {"sim": "actors.sensors.actor.SimSensor"}
+SENSOR_CLASSES = {
+    "sim": "actors.sensors.actor.SimSensor",
+    "mqtt": "actors.sensors.actor.MqttSensor",
+    "can": "actors.sensors.actor.CanSensor",
+    "nmea": "actors.sensors.actor.NmeaSensor",
+}
+BROKER_CLASS = "actors.broker.actor.BrokerActor"
 JOURNAL_CLASS = "actors.journal.actor.JournalWriter"
 SUPERVISOR_CLASS = "supervisors.supervisor.Supervisor"
 ROUTER_CLASS = "actors.router.actor.RouterActor"
@@ -62,7 +68,10 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             restart=Restart.PERMANENT,
             shutdown_timeout_s=max(5.0, s.resend_after_s * 2),
             heartbeat_timeout_s=sup.heartbeat_timeout_s,
-            settings=attrs.evolve(s, device_id=config.device_of(s)),
+            settings=SensorActorSettings(
+                attrs.evolve(s, device_id=config.device_of(s)),
+                config.mqtt_connection(s) if s.type == "mqtt" else None,
+            ),
         )
         for s in config.sensors
     )
@@ -75,6 +84,14 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
             heartbeat_timeout_s=config.journal.heartbeat_timeout_s,
             settings=config.journal,
         ),
+    )
+    if config.broker.enabled:
+        # Before the sensors (MQTT sensors connect to it) and stopped after them.
+        children += (ChildSpec(name="broker", actor_class=BROKER_CLASS,
+                               restart=Restart.PERMANENT, shutdown_timeout_s=10.0,
+                               heartbeat_timeout_s=sup.heartbeat_timeout_s,
+                               settings=config.broker),)
+    children += (
         ChildSpec(
             name="sensors",
             actor_class=SUPERVISOR_CLASS,

@@ -7,6 +7,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.clickhouse_server import clickhouse, clickhouse_db, start_clickhouse  # noqa: F401
+from tests.mosquitto import (  # noqa: F401
+    fixture_mosquitto,
+    fixture_mosquitto_installed,
+    fixture_start_mosquitto,
+)
 
 
 @pytest.fixture

@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     verify = jsub.add_parser("verify", help="integrity check and seq continuity (I2)")
     verify.add_argument("--db", required=True, help="path to journal.db")
+    quar = jsub.add_parser("quarantine", help="inputs sources could not decode (oldest first) "
+                           "and each sensor's totals")
+    quar.add_argument("--db", required=True, help="path to journal.db")
+    quar.add_argument("--sensor", default=None, help="only this sensor's inputs and totals")
+    quar.add_argument("--limit", type=int, default=50, metavar="N",
+                      help="list at most N inputs (default 50)")
+    quar.add_argument("--after", type=int, default=0, metavar="ID",
+                      help="list those with an id above ID (page on from the last one shown)")
+    quar.add_argument("--json", action="store_true",
+                      help="print one JSON object (raw bytes in full, as hex)")
 
     policy = sub.add_parser("policy", help="check a routing policy file")
     psub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -203,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--seconds", type=_positive_float, default=600.0,
                     help="seconds of the demo vehicle's driving (default 600)")
     bw.add_argument("--json", action="store_true", help="print one JSON object")
+    bq = bsub.add_parser("mqtt", help="MQTT messages/s from the broker into the journal (QoS "
+                         "1, acked after commit) beside mosquitto_sub on the same broker")
+    bq.add_argument("--messages", type=int, default=100_000,
+                    help="messages to publish (default 100000)")
+    bq.add_argument("--publishers", type=int, default=4,
+                    help="mosquitto_pub processes, one vehicle topic each (default 4)")
+    bq.add_argument("--admin-port", type=_port, default=19131)
+    bq.add_argument("--json", action="store_true", help="print one JSON object")
     bs = bsub.add_parser("sync", help="P1 latency to ClickHouse while a P3 backlog drains, "
                          "drain goodput beside the token bucket, receiver rows/s beside raw "
                          "chdb inserts")
@@ -218,6 +236,91 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--central-port", type=_port, default=19121)
     bs.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+#: Characters of the raw bytes `fleetgw journal quarantine` shows in its table (--json: all).
+QUARANTINE_RAW_SHOWN = 60
+
+
+def journal_quarantine_command(db: str, sensor: str | None, limit: int, after: int,
+                               as_json: bool) -> int:
+    """`fleetgw journal quarantine`: up to ``limit`` quarantined inputs with an id above
+    ``after`` (oldest first; of ``sensor`` or all) and each sensor's totals (quarantined,
+    trimmed to keep the quarantine bounded, kept). Read-only, like `journal stats`.
+    Exit status: 0 listed, 1 the file cannot be read, 2 bad usage or no journal at ``db``."""
+    import json
+
+    import apsw
+
+    from actors.journal import JournalError, open_readonly
+    from tools.journal_cmd import _table, _when
+
+    if limit <= 0:
+        print(f"fleetgw journal quarantine: --limit must be > 0 (got {limit})", file=sys.stderr)
+        return 2
+    try:
+        with open_readonly(db) as reader:
+            rows = reader.quarantined(limit + 1, sensor, after)  # one more: are there more?
+            totals = [q for q in reader.stats().quarantine if sensor in (None, q.sensor_id)]
+    except JournalError as exc:
+        print(f"fleetgw journal quarantine: {exc}", file=sys.stderr)
+        return 2
+    except apsw.Error as exc:  # a damaged file: say so instead of a traceback
+        print(f"fleetgw journal quarantine: {db} cannot be read: {exc}; run "
+              f"`fleetgw journal verify --db {db}`", file=sys.stderr)
+        return 1
+    more, rows = len(rows) > limit, rows[:limit]
+    if as_json:
+        print(json.dumps({
+            "db": db,
+            "inputs": [row.to_json() for row in rows],
+            "more": more,
+            "totals": {q.sensor_id: {"quarantined": q.quarantined, "trimmed": q.trimmed,
+                                     "kept": q.quarantined - q.trimmed,
+                                     "last_reason": q.last_reason, "last_ns": q.last_ns}
+                       for q in totals},
+        }, separators=(",", ":")))
+        return 0
+
+    def safe(text: str) -> str:  # names and reasons come from outside: no terminal controls
+        return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+    def shown(raw: bytes) -> str:  # printable ASCII (\t \r \n escaped) as text, else hex
+        if not raw:
+            return "-"
+        if all(0x20 <= b < 0x7F or b in (9, 10, 13) for b in raw):
+            text = raw.decode("ascii").encode("unicode_escape").decode("ascii")
+        else:
+            text = "hex:" + raw.hex()
+        cut = QUARANTINE_RAW_SHOWN
+        return text if len(text) <= cut else text[: cut - 3] + "..."
+
+    def when(ns: int) -> str:
+        try:
+            return _when(ns)
+        except (OverflowError, OSError, ValueError):
+            return str(ns)
+
+    of = "" if sensor is None else f" of sensor {safe(sensor)}"
+    if rows:
+        lines = [f"quarantined inputs{of} ({len(rows)} shown, oldest first)"]
+        lines += _table(
+            ("ID", "RECEIVED (UTC)", "SENSOR", "SOURCE", "RAW_LEN", "RAW", "REASON"),
+            [(r.id, when(r.received_ns), safe(r.sensor_id), safe(r.source), r.raw_len,
+              shown(r.raw), safe(r.reason)) for r in rows],
+        )
+        if more:
+            lines.append(f"  ... more: --after {rows[-1].id}")
+    else:
+        lines = [f"no quarantined inputs{of} kept" + (f" after id {after}" if after else "")]
+    lines += ["", f"totals{of}"]
+    lines += _table(
+        ("SENSOR", "QUARANTINED", "TRIMMED", "KEPT", "LAST", "LAST_REASON"),
+        [(safe(q.sensor_id), q.quarantined, q.trimmed, q.quarantined - q.trimmed,
+          when(q.last_ns), safe(q.last_reason)) for q in totals],
+    )
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.journal_command == "stats":
             return stats_command(args.db, args.json)
+        if args.journal_command == "quarantine":
+            return journal_quarantine_command(args.db, args.sensor, args.limit, args.after,
+                                              args.json)
         return verify_command(args.db)
     if args.command == "policy":
         from tools.policy_cmd import check_command
@@ -276,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_sync_command(args.backlog_s, args.drain_s, args.rate, args.rate_bytes,
                                   args.admin_port, args.central_port, args.json)
+    if args.command == "bench" and args.bench_command == "mqtt":
+        from tools.bench_mqtt import bench_mqtt_command
+
+        return bench_mqtt_command(args.messages, args.publishers, args.admin_port, args.json)
     if args.command == "bench" and args.bench_command == "wire":
         from tools.bench_wire import bench_wire_command
 

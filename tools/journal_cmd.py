@@ -3,7 +3,7 @@
 Where this sits: beside the data path, for operators — it opens DATA_DIR/journal.db read-only
 (`actors.journal.open_readonly`, which never creates a file), so it can run while the gateway is
 writing. `stats` shows per-device seq ranges, cursors, watermarks, sizes, lanes and drops (by reason
-and lane); `verify` runs
+and lane), and quarantine totals when there are any; `verify` runs
 SQLite's integrity check and checks invariant I2 (per device, the seqs present plus the runs
 eviction removed cover 1..max exactly once).
 Exit status: 0 fine, 1 verify found problems, 2 no journal at the path (or not one).
@@ -91,6 +91,14 @@ def format_stats(stats: JournalStats) -> str:
         ("REASON", "LANE", "RECORDS", "BYTES"),
         [(d.reason, d.lane, d.records, _size(d.bytes)) for d in stats.drops],
     )
+    if any(q.quarantined for q in stats.quarantine):
+        lines += ["", f"quarantine ({sum(q.quarantined for q in stats.quarantine)} inputs; "
+                      f"`fleetgw journal quarantine --db {stats.path}` lists them)"]
+        lines += _table(
+            ("SENSOR", "QUARANTINED", "TRIMMED", "KEPT", "LAST"),
+            [(q.sensor_id, q.quarantined, q.trimmed, q.quarantined - q.trimmed, _when(q.last_ns))
+             for q in stats.quarantine],
+        )
     return "\n".join(lines)
 
 

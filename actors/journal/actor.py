@@ -27,6 +27,8 @@ from messages.journal import (
     ConsumerCommitRefused,
     ConsumerCommitted,
     NewRecords,
+    ReadSourceMarks,
+    SourceMarksRead,
     WatermarkAdvanced,
     WatermarkRefused,
 )
@@ -82,6 +84,7 @@ class JournalWriter(SupervisedActor):
             synchronous=self.settings.synchronous,
             disk_budget_bytes=self.settings.disk_budget_bytes,
             refused_retry_s=self.settings.refused_retry_s,
+            quarantine_max_rows=self.settings.quarantine_max_rows,
         )
 
     def committed(self, count: int) -> None:
@@ -102,16 +105,25 @@ class JournalWriter(SupervisedActor):
             self.send(sender, AppendRefused(msg.batch_id, "stopping", "the journal is stopping",
                                             self.settings.refused_retry_s))
             return
-        reply = self.journal.append(msg.batch_id, msg.batch, msg.resend_floor)
+        reply = self.journal.append(msg.batch_id, msg.batch, msg.resend_floor,
+                                    msg.quarantined, msg.marks)
         if isinstance(reply, Appended):
             if reply.duplicate:
                 self.duplicates += 1
+            elif msg.batch is None:
+                self.committed(0)
             else:
                 self.committed(len(msg.batch))
                 self.notify_consumers(reply.last)
         else:
             self.refused += 1
         self.send(sender, reply)
+
+    def receiveMsg_ReadSourceMarks(self, msg: ReadSourceMarks, sender: Any) -> None:
+        if self.journal is None:
+            return  # stopping: the sensor asks again when the journal is back
+        marks = self.journal.source_marks(msg.sensor_id)
+        self.send(sender, SourceMarksRead(msg.sensor_id, tuple(sorted(marks.items()))))
 
     def receiveMsg_ConsumerCommit(self, msg: ConsumerCommit, sender: Any) -> None:
         if self.journal is None:

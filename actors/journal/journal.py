@@ -38,6 +38,7 @@ from actors.journal.schema import (
     JOURNAL_SIZE_LIMIT_BYTES,
     JournalError,
     batch_problem,
+    extras_problem,
     open_for_writing,
     ranges_from_json,
     ranges_to_json,
@@ -54,8 +55,10 @@ from messages.journal import (
     ConsumerCommitRefused,
     ConsumerCommitted,
     Position,
+    QuarantinedInput,
     RouteDecisions,
     SeqRange,
+    SourceMark,
 )
 from messages.readings import ReadingBatch
 
@@ -70,6 +73,8 @@ COMMIT_OVERHEAD_BYTES = 64 << 10
 #: besides the rule's name, twice (pages and WAL copies).
 DECISION_BYTES = 48
 DEFAULT_P1_RESERVE_FRACTION = 0.1
+#: Quarantined inputs kept (the oldest go beyond it; the totals still count them).
+DEFAULT_QUARANTINE_MAX_ROWS = 10_000
 #: Eviction deletes at most this many records between two looks at the usage.
 EVICT_CHUNK_RECORDS = 256
 #: WAL bytes one evicted record may cost when it sits among kept records (its table page and
@@ -162,7 +167,11 @@ class Journal:
         clock_ns: Callable[[], int] = time.time_ns,
         refused_retry_s: float = DEFAULT_REFUSED_RETRY_S,
         p1_reserve_fraction: float = DEFAULT_P1_RESERVE_FRACTION,
+        quarantine_max_rows: int = DEFAULT_QUARANTINE_MAX_ROWS,
     ) -> None:
+        if quarantine_max_rows <= 0:
+            raise ValueError(f"quarantine_max_rows must be > 0 (got {quarantine_max_rows!r})")
+        self.quarantine_max_rows = quarantine_max_rows
         if disk_budget_bytes <= 0:
             raise ValueError(f"disk_budget_bytes must be > 0 (got {disk_budget_bytes!r})")
         if not 0.0 <= p1_reserve_fraction < 1.0:
@@ -458,7 +467,12 @@ class Journal:
     # -- sensors: appends ---------------------------------------------------------------------
 
     def append(
-        self, batch_id: BatchId, batch: ReadingBatch, resend_floor: int = 0
+        self,
+        batch_id: BatchId,
+        batch: ReadingBatch | None,
+        resend_floor: int = 0,
+        quarantined: tuple[QuarantinedInput, ...] = (),
+        marks: tuple[SourceMark, ...] = (),
     ) -> Appended | AppendRefused:
         """Commit ``batch`` once; return `Appended` only after COMMIT returned (I1).
 
@@ -466,15 +480,21 @@ class Journal:
         stores nothing. ``resend_floor``: ids of this incarnation numbered below it are
         forgotten (the sender will not resend them); a new incarnation's first append forgets
         the earlier incarnations' ids once they are `DEAD_INCARNATION_GRACE_NS` old.
+        In the same transaction: ``quarantined`` inputs join the bounded quarantine (I8) and
+        ``marks`` replace the sensor's source marks of the same keys. ``batch`` may be None
+        when there are only those (the reply then has no ranges).
         Refusals: ``invalid`` (do not retry), ``disk_budget`` and ``disk_full`` (retry after
         ``retry_after_s``); nothing is written and nothing committed is lost.
         """
-        problem = batch_problem(batch)
-        if problem is None and batch.sensor_id != batch_id.sensor_id:
+        problem = None if batch is None and (quarantined or marks) else batch_problem(batch)
+        if problem is None and batch is not None and batch.sensor_id != batch_id.sensor_id:
             problem = f"batch of sensor {batch.sensor_id!r} sent as {batch_id.sensor_id!r}"
+        if problem is None:
+            problem = extras_problem(quarantined, marks)
         if problem is not None:
             return AppendRefused(batch_id, "invalid", problem, 0.0)
         key = (batch_id.sensor_id, batch_id.incarnation, batch_id.batch_no)
+        batches = () if batch is None else (batch,)
         try:
             with self._transaction():
                 # 1. A resent batch: answer with the original commit.
@@ -492,15 +512,20 @@ class Journal:
                 # 2. Room within the sensors' share of the budget: evict, else refuse (the
                 #    evictions and the refusal's count commit; nothing of the batch does).
                 now = self._clock_ns()
-                need = self._need((batch,))
+                need = self._need(batches) + sum(q.nbytes for q in quarantined) * 2
                 if not self._make_room(need, self.sensor_budget_bytes, now):
-                    self._count_drops("refused_budget", UNROUTED, len(batch), batch.nbytes)
+                    n = 0 if batch is None else len(batch)
+                    nbytes = 0 if batch is None else batch.nbytes
+                    self._count_drops("refused_budget", UNROUTED, n, nbytes)
                     detail = self._budget_detail(need, self.sensor_budget_bytes)
                     return AppendRefused(batch_id, "disk_budget", detail, self.refused_retry_s)
                 self._forget_dead_incarnations(batch_id, now)
                 # 3. The rows, then the batch id that makes a resend a no-op.
-                first = self._last_pos + 1
-                ranges, last = self._insert(batch, now)
+                if batch is None:  # positions stay where they are: first == last
+                    first, ranges, last = self._last_pos, (), self._last_pos
+                else:
+                    first = self._last_pos + 1
+                    ranges, last = self._insert(batch, now)
                 self._conn.execute(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (*key, first, last, ranges_to_json(ranges), now),
@@ -517,6 +542,15 @@ class Journal:
                         "floor = max(floor, excluded.floor), updated_ns = excluded.updated_ns",
                         (batch_id.sensor_id, batch_id.incarnation, resend_floor, now),
                     )
+                if quarantined:
+                    self._quarantine(batch_id.sensor_id, quarantined, now)
+                if marks:
+                    self._conn.executemany(
+                        "INSERT INTO source_marks VALUES (?, ?, ?, ?) ON CONFLICT "
+                        "(sensor_id, key) DO UPDATE SET value = excluded.value, "
+                        "updated_ns = excluded.updated_ns",
+                        [(batch_id.sensor_id, m.key, m.value, now) for m in marks],
+                    )
         except apsw.FullError as exc:
             return AppendRefused(
                 batch_id,
@@ -528,8 +562,48 @@ class Journal:
             if exc.extendedresult != apsw.SQLITE_CONSTRAINT_DATATYPE:
                 raise  # a UNIQUE violation means a second writer or a bug: crash loudly (I3)
             return AppendRefused(batch_id, "invalid", f"wrongly typed column: {exc}", 0.0)
+        except (UnicodeEncodeError, OverflowError) as exc:
+            # Text SQLite cannot store (a lone surrogate) or an int beyond 64 bits: retrying
+            # cannot help, and crashing would have the same batch resent forever (I8).
+            return AppendRefused(batch_id, "invalid", f"unstorable value: {exc}", 0.0)
         self._last_pos = last
         return Appended(batch_id, ranges, Position(first), Position(last))
+
+    def _quarantine(self, sensor_id: str, items: tuple[QuarantinedInput, ...], now: int) -> None:
+        """Add ``items`` to the quarantine, trim it to ``quarantine_max_rows`` (oldest first)
+        and move the sensor's totals. Inside the caller's transaction."""
+        self._conn.executemany(
+            "INSERT INTO quarantine(sensor_id, source, reason, raw, raw_len, received_ns, "
+            "committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(sensor_id, q.source, q.reason, q.raw, q.raw_len if q.raw_len >= 0 else len(q.raw),
+              q.received_ns, now) for q in items],
+        )
+        (rows, max_id) = self._conn.execute(
+            "SELECT count(*), max(id) FROM quarantine").fetchone()
+        trimmed: dict[str, int] = {}
+        if rows > self.quarantine_max_rows:
+            cut = max_id - self.quarantine_max_rows  # ids grow: keep the newest max_rows
+            for sid, n in self._conn.execute(
+                "SELECT sensor_id, count(*) FROM quarantine WHERE id <= ? GROUP BY sensor_id",
+                (cut,),
+            ):
+                trimmed[sid] = n
+            self._conn.execute("DELETE FROM quarantine WHERE id <= ?", (cut,))
+        self._conn.execute(
+            "INSERT INTO quarantine_totals VALUES (?, ?, 0, ?, ?) ON CONFLICT (sensor_id) DO "
+            "UPDATE SET quarantined = quarantined + excluded.quarantined, "
+            "last_reason = excluded.last_reason, last_ns = excluded.last_ns",
+            (sensor_id, len(items), items[-1].reason, now),
+        )
+        self._conn.executemany(
+            "UPDATE quarantine_totals SET trimmed = trimmed + ? WHERE sensor_id = ?",
+            [(n, sid) for sid, n in trimmed.items()],
+        )
+
+    def source_marks(self, sensor_id: str) -> dict[str, str]:
+        """Sensor ``sensor_id``'s committed source marks (key -> value)."""
+        return dict(self._conn.execute(
+            "SELECT key, value FROM source_marks WHERE sensor_id = ?", (sensor_id,)))
 
     def _resend_floor(self, batch_id: BatchId) -> int:
         row = self._conn.execute(

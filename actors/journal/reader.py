@@ -87,6 +87,42 @@ class LaneStats:
 
 
 @attrs.frozen(slots=True)
+class QuarantineStats:
+    """Inputs of ``sensor_id`` that its source could not decode: ``quarantined`` in all,
+    ``trimmed`` of them since removed to keep the quarantine bounded, the latest reason."""
+
+    sensor_id: str
+    quarantined: int
+    trimmed: int
+    last_reason: str
+    last_ns: int
+
+
+@attrs.frozen(slots=True)
+class QuarantinedRow:
+    """One quarantined input as stored (``raw`` cut to QUARANTINE_RAW_MAX bytes)."""
+
+    id: int
+    sensor_id: str
+    source: str
+    reason: str
+    raw: bytes
+    raw_len: int
+    received_ns: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sensor_id": self.sensor_id,
+            "source": self.source,
+            "reason": self.reason,
+            "raw_hex": self.raw.hex(),
+            "raw_len": self.raw_len,
+            "received_ns": self.received_ns,
+        }
+
+
+@attrs.frozen(slots=True)
 class DropStats:
     """Records dropped for ``reason`` from ``lane``: policy drops ("duplicate", ...), eviction
     ("expired", "policy_dropped", "synced", "aggregated", "oldest_p2") and refusals for space
@@ -120,6 +156,7 @@ class JournalStats:
     budget_bytes: int | None
     lanes: tuple[LaneStats, ...] = ()
     drops: tuple[DropStats, ...] = ()
+    quarantine: tuple[QuarantineStats, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape `fleetgw journal stats --json` prints)."""
@@ -157,6 +194,12 @@ class JournalStats:
                 for lane in self.lanes
             },
             "drops": _drops_json(self.drops),
+            "quarantine": {
+                q.sensor_id: {"quarantined": q.quarantined, "trimmed": q.trimmed,
+                              "kept": q.quarantined - q.trimmed, "last_reason": q.last_reason,
+                              "last_ns": q.last_ns}
+                for q in self.quarantine
+            },
         }
 
 
@@ -354,6 +397,13 @@ def collect_stats(
                     "SELECT reason, lane, records, bytes FROM drops ORDER BY reason, lane"
                 )
             ),
+            quarantine=tuple(
+                QuarantineStats(*row)
+                for row in conn.execute(
+                    "SELECT sensor_id, quarantined, trimmed, last_reason, last_ns "
+                    "FROM quarantine_totals ORDER BY sensor_id"
+                )
+            ),
         )
 
 
@@ -526,6 +576,24 @@ class JournalReader:
     def sync_counts(self) -> dict[str, tuple[int, int, int | None]]:
         """See `sync_counts` (reconciliation with central)."""
         return sync_counts(self._conn)
+
+    def source_marks(self, sensor_id: str) -> dict[str, str]:
+        """The source marks sensor ``sensor_id`` committed with its batches (key -> value):
+        what a restarted source reads back to recognise redeliveries."""
+        return dict(self._conn.execute(
+            "SELECT key, value FROM source_marks WHERE sensor_id = ?", (sensor_id,)))
+
+    def quarantined(self, limit: int = 100, sensor_id: str | None = None,
+                    after_id: int = 0) -> list[QuarantinedRow]:
+        """Up to ``limit`` quarantined inputs with id > ``after_id`` (oldest first), of one
+        sensor or all."""
+        where, args = "id > ?", [after_id]
+        if sensor_id is not None:
+            where += " AND sensor_id = ?"
+            args.append(sensor_id)
+        return [QuarantinedRow(*row) for row in self._conn.execute(
+            "SELECT id, sensor_id, source, reason, raw, raw_len, received_ns FROM quarantine "
+            f"WHERE {where} ORDER BY id LIMIT ?", (*args, limit))]
 
     def close(self) -> None:
         self._conn.close()

@@ -210,6 +210,43 @@ def _v4_lanes_and_eviction(conn: apsw.Connection) -> None:
     )
 
 
+def _v5_quarantine_and_source_marks(conn: apsw.Connection) -> None:
+    """v5: the bounded quarantine of input sources could not decode (I8), with totals that
+    outlive its trimming, and the sources' own delivery marks (e.g. MQTT packet ids already
+    journaled), committed with the batches that carry them."""
+    conn.execute(
+        """
+        -- Bounded: the oldest rows go once it holds more than the configured maximum (the
+        -- totals below still count them). raw is cut to QUARANTINE_RAW_MAX; raw_len is the
+        -- length received.
+        CREATE TABLE quarantine(
+            id INTEGER PRIMARY KEY,
+            sensor_id TEXT NOT NULL,
+            source TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            raw BLOB NOT NULL,
+            raw_len INTEGER NOT NULL,
+            received_ns INTEGER NOT NULL,
+            committed_ns INTEGER NOT NULL
+        ) STRICT;
+        CREATE TABLE quarantine_totals(
+            sensor_id TEXT PRIMARY KEY,
+            quarantined INTEGER NOT NULL,
+            trimmed INTEGER NOT NULL,
+            last_reason TEXT NOT NULL,
+            last_ns INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE source_marks(
+            sensor_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            updated_ns INTEGER NOT NULL,
+            PRIMARY KEY (sensor_id, key)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 #: Migration steps in order: step i brings a journal from version i to version i + 1.
 #: Append new steps; never edit a released one.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
@@ -217,8 +254,29 @@ MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _v2_resend_safe_commits_and_watermarks,
     _v3_resend_floors,
     _v4_lanes_and_eviction,
+    _v5_quarantine_and_source_marks,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def extras_problem(quarantined: object, marks: object) -> str | None:
+    """Why an Append's quarantined inputs or source marks cannot be stored, or None."""
+    from messages.journal import QuarantinedInput, SourceMark
+
+    if not isinstance(quarantined, tuple) or not isinstance(marks, tuple):
+        return "quarantined and marks must be tuples"
+    for q in quarantined:
+        if not isinstance(q, QuarantinedInput):
+            return f"quarantined holds a {type(q).__name__}, expected QuarantinedInput"
+        if not (isinstance(q.source, str) and isinstance(q.reason, str)
+                and isinstance(q.raw, bytes) and type(q.received_ns) is int
+                and type(q.raw_len) is int):
+            return "a quarantined input has wrongly typed fields"
+    for m in marks:
+        if not (isinstance(m, SourceMark) and isinstance(m.key, str)
+                and isinstance(m.value, str)):
+            return "marks must be SourceMark(key: str, value: str)"
+    return None
 
 
 def batch_problem(batch: object) -> str | None:

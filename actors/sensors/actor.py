@@ -4,8 +4,10 @@ Where this sits: the first step of the data path. A sensor reads its source, bat
 (`SensorOutbox`), sends each batch to the journal as `Append`, keeps it until `Appended`
 (bounded in bytes), resends after a timeout or when the journal's address changes (it
 restarted), and holds its source when the buffer is full (back-pressure) — nothing is dropped.
-`SensorActor` is the common base; `SimSensor` drives a `SimulatedSource`. Later sources (MQTT,
-CAN, NMEA) subclass `SensorActor` the same way.
+`SensorActor` is the common base; `SimSensor` drives a `SimulatedSource`, `MqttSensor` an
+`MqttSession` (PUBACK only after the journal's `Appended`), `CanSensor` a `CanSource` and
+`NmeaSensor` an `NmeaSource`. Input a source cannot decode goes to the journal's quarantine
+with the batch (I8).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from collections import deque
 from typing import Any
 
 from actors.base import SupervisedActor, log
+from actors.sensors.can import CanSource
+from actors.sensors.mqtt import CONNECTED, MqttMessages, MqttSession
+from actors.sensors.nmea import NmeaSource
 from actors.sensors.outbox import NEVER_RETRY, SensorOutbox
 from actors.sensors.sim import SimulatedSource
-from messages.journal import Appended, AppendRefused
+from config.schema import SensorActorSettings, SensorSettings
+from messages.journal import Appended, AppendRefused, ReadSourceMarks, SourceMarksRead
 from messages.supervision import StopChild
 
 #: How often a sensor wakes up to produce, batch and resend, seconds.
@@ -38,8 +44,14 @@ class SensorActor(SupervisedActor):
         self.stopped = False
         self.latencies: deque[tuple[float, float]] = deque(maxlen=LATENCY_SAMPLES)
 
+    @property
+    def sensor(self) -> SensorSettings:
+        """This sensor's ``[[sensors]]`` entry."""
+        settings = self.settings
+        return settings.sensor if isinstance(settings, SensorActorSettings) else settings
+
     def on_init(self) -> None:
-        s = self.settings
+        s = self.sensor
         # A fresh incarnation id per start: batch numbers restart at 1 without colliding
         # with the ids a previous incarnation left in the journal.
         incarnation = random.SystemRandom().getrandbits(62)
@@ -139,7 +151,7 @@ class SimSensor(SensorActor):
     MAX_PER_TICK = 5000
 
     def open_source(self) -> None:
-        s = self.settings
+        s = self.sensor
         self.source = SimulatedSource(
             s.kind, s.rate_hz, s.device_id, s.id, s.seed, time.time_ns()
         )
@@ -149,8 +161,178 @@ class SimSensor(SensorActor):
         now = time.time_ns()
         produced = 0
         while self.outbox.has_room() and produced < self.MAX_PER_TICK:
-            readings = self.source.due(now, self.settings.batch_max_readings)
+            readings = self.source.due(now, self.sensor.batch_max_readings)
             if not readings:
                 break
             self.outbox.add(readings)
             produced += len(readings)
+
+
+class MqttSensor(SensorActor):
+    """Subscriptions on an MQTT broker in a persistent QoS 1 session. A delivery's PUBACK goes
+    out only after the journal committed it (with its redelivery mark); the socket is served
+    from the actor's own thread through a Thespian watch."""
+
+    #: Deliveries handled per turn at most (keeps a turn short: acks and heartbeats wait).
+    MAX_PER_TURN = 5000
+    #: Seconds between asks for the source marks while the journal has not answered.
+    MARKS_RETRY_S = 1.0
+
+    def open_source(self) -> None:
+        conn = self.settings.mqtt
+        self.session = MqttSession(conn)
+        #: Built once the journal answered with the marks: no connection before that, so a
+        #: redelivery is always checked against every mark committed.
+        self.messages: MqttMessages | None = None
+        self.marks_asked_at = float("-inf")
+        self.ask_marks()
+
+    def ask_marks(self) -> None:
+        journal = self.peers.get("journal")
+        if journal is not None:
+            self.send(journal, ReadSourceMarks(self.sensor.id))
+            self.marks_asked_at = time.monotonic()
+
+    def receiveMsg_SourceMarksRead(self, msg: SourceMarksRead, sender: Any) -> None:
+        if self.messages is None and msg.sensor_id == self.sensor.id:
+            s = self.sensor
+            self.messages = MqttMessages(self.settings.mqtt.source, s.id, s.device_id,
+                                         dict(msg.marks))
+            self.session.step()
+
+    def produce(self) -> None:
+        if self.messages is None:
+            if time.monotonic() - self.marks_asked_at > self.MARKS_RETRY_S:
+                self.ask_marks()
+            return
+        self.session.step()
+        self.pump()
+
+    def pump(self) -> None:
+        """Move waiting deliveries into the outbox (while it has room), send what is due and
+        acknowledge what is committed."""
+        assert self.outbox is not None and self.messages is not None
+        handled = 0
+        while self.outbox.has_room() and handled < self.MAX_PER_TURN:
+            deliveries = self.session.read(min(1000, self.MAX_PER_TURN - handled))
+            if not deliveries:
+                break
+            handled += len(deliveries)
+            for d in deliveries:
+                readings, quarantined, marks, receipt = self.messages.handle(d)
+                self.outbox.add_delivery(readings, quarantined=quarantined, marks=marks,
+                                         receipt=receipt)
+        # Group commit: close the open batch at once when the journal has nothing of ours
+        # to commit; otherwise it grows until the acknowledgement comes back.
+        if self.outbox.has_open() and self.outbox.unacknowledged_batches() == 0:
+            self.outbox.flush()
+        self.send_due()
+        self.ack_committed()
+
+    def ack_committed(self) -> None:
+        assert self.outbox is not None
+        receipts = self.outbox.take_receipts()
+        if receipts:
+            self.session.ack(receipts)
+
+    def receiveMsg_Appended(self, msg: Appended, sender: Any) -> None:
+        super().receiveMsg_Appended(msg, sender)
+        assert self.outbox is not None
+        self.ack_committed()
+        if self.outbox.has_open() and self.outbox.unacknowledged_batches() == 0:
+            self.outbox.flush()
+            self.send_due()
+
+    def on_peers_changed(self, names: set[str]) -> None:
+        super().on_peers_changed(names)
+        if "journal" in names and self.messages is None:
+            self.ask_marks()
+
+    def watched_fds(self) -> list[int]:
+        if self.messages is None or self.outbox is None or not self.outbox.has_room():
+            return []  # a full outbox holds the source: the broker keeps the messages
+        fd = self.session.fileno()
+        return [fd] if fd is not None else []
+
+    def on_readable(self, fds: list[int]) -> None:
+        if self.messages is not None and not self.stopped and self.stopping is None:
+            self.pump()
+
+    def on_timer_tick(self) -> None:
+        super().on_timer_tick()
+        if self.stopped:
+            self.session.close()  # everything acknowledged: leave the session to the broker
+
+    def on_exit(self) -> None:
+        self.session.close()
+
+    def figures(self) -> list[tuple[str, Any]]:
+        figures = super().figures()
+        figures.extend(self.session.figures().items())
+        if self.messages is not None:
+            figures.extend((f"mqtt_{k}", v) for k, v in self.messages.counts.items())
+        figures.append(("mqtt_connected", self.session.state == CONNECTED))
+        return figures
+
+
+class PolledSensor(SensorActor):
+    """A sensor over a source with the poll contract (`CanSource`, `NmeaSource`): read on
+    every tick and whenever its descriptor is readable, while the outbox has room."""
+
+    #: Items taken from the source per turn at most (keeps a turn short).
+    MAX_PER_TURN = 5000
+
+    def make_source(self) -> Any:
+        raise NotImplementedError
+
+    def open_source(self) -> None:
+        self.source = self.make_source()
+        self.source.open()  # raises only for what no retry cures (e.g. a missing DBC)
+
+    def produce(self) -> None:
+        assert self.outbox is not None
+        taken = 0
+        while self.outbox.has_room() and taken < self.MAX_PER_TURN:
+            readings, quarantined = self.source.poll(min(1000, self.MAX_PER_TURN - taken))
+            if not readings and not quarantined:
+                break
+            if readings:
+                self.outbox.add(readings)
+            if quarantined:
+                self.outbox.add_delivery(quarantined=quarantined)
+            taken += len(readings) + len(quarantined)
+
+    def watched_fds(self) -> list[int]:
+        if self.outbox is None or not self.outbox.has_room() or self.stopping is not None:
+            return []
+        fd = self.source.fileno()
+        return [fd] if fd is not None else []
+
+    def on_readable(self, fds: list[int]) -> None:
+        if not self.stopped and self.stopping is None:
+            self.produce()
+            self.send_due()
+
+    def on_exit(self) -> None:
+        self.source.close()
+
+    def figures(self) -> list[tuple[str, Any]]:
+        figures = super().figures()
+        figures.extend(self.source.figures().items())
+        return figures
+
+
+class CanSensor(PolledSensor):
+    """A CAN bus decoded with a DBC: one reading per known message, with its signals."""
+
+    def make_source(self) -> CanSource:
+        s = self.sensor
+        return CanSource(s.can, s.id, s.device_id)
+
+
+class NmeaSensor(PolledSensor):
+    """GPS over NMEA 0183 from a serial port, TCP or UDP (checksums verified)."""
+
+    def make_source(self) -> NmeaSource:
+        s = self.sensor
+        return NmeaSource(s.nmea, s.id, s.device_id)

@@ -17,8 +17,16 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from messages.journal import Append, Appended, AppendRefused, BatchId
+from messages.journal import (
+    Append,
+    Appended,
+    AppendRefused,
+    BatchId,
+    QuarantinedInput,
+    SourceMark,
+)
 from messages.readings import Reading, ReadingBatch
 
 #: States of a closed batch: waiting for its first send, sent and awaiting a reply, or refused
@@ -29,17 +37,28 @@ QUEUED, IN_FLIGHT, REFUSED = "queued", "in_flight", "refused"
 class _Held:
     """A closed batch the outbox holds until it is acknowledged."""
 
-    __slots__ = ("batch", "batch_id", "due_at", "first_sent", "nbytes", "state")
+    __slots__ = ("batch", "batch_id", "due_at", "first_sent", "marks", "nbytes", "quarantined",
+                 "readings", "state")
 
-    def __init__(self, batch_id: BatchId, batch: ReadingBatch) -> None:
+    def __init__(self, batch_id: BatchId, batch: ReadingBatch | None,
+                 quarantined: tuple[QuarantinedInput, ...] = (),
+                 marks: tuple[SourceMark, ...] = ()) -> None:
         self.batch_id = batch_id
         self.batch = batch
-        self.nbytes = batch.nbytes
+        self.quarantined = quarantined
+        self.marks = marks
+        self.readings = 0 if batch is None else len(batch)
+        self.nbytes = (0 if batch is None else batch.nbytes) + _extra_bytes(quarantined, marks)
         self.state = QUEUED
         #: When it was first sent (ack latency counts from here); None while queued.
         self.first_sent: float | None = None
         #: IN_FLIGHT: when to resend; REFUSED: when to retry.
         self.due_at = 0.0
+
+
+def _extra_bytes(quarantined: Sequence[QuarantinedInput], marks: Sequence[SourceMark]) -> int:
+    """What quarantined inputs and marks add to a batch's size."""
+    return sum(q.nbytes for q in quarantined) + sum(len(m.key) + len(m.value) + 16 for m in marks)
 
 
 #: Refusal reasons that no retry can cure: the batch is dropped and counted, not resent.
@@ -91,7 +110,12 @@ class SensorOutbox:
         self.refused_retry_s = refused_retry_s
         self._clock = clock
         self._open: list[Reading] = []
-        self._open_since = 0.0  # when the oldest reading of the open batch was added
+        self._open_quarantined: list[QuarantinedInput] = []
+        self._open_marks: list[SourceMark] = []
+        self._open_extra_bytes = 0  # bytes of the open batch's quarantined inputs and marks
+        self._open_since = 0.0  # when the oldest item of the open batch was added
+        #: (batch number it waits for, receipt) in the order added: see `take_receipts`.
+        self._receipts: deque[tuple[int, Any]] = deque()
         self._next_no = 1
         self._queued: deque[_Held] = deque()  # closed, never sent, in number order
         self._out: dict[int, _Held] = {}  # batch_no -> sent (IN_FLIGHT or REFUSED) batch
@@ -106,27 +130,101 @@ class SensorOutbox:
         """Append readings (of this sensor) to the open batch; close full batches."""
         if not readings:
             return
+        self._check_sensor(readings)
+        if not self._open_items():
+            self._open_since = self._now(now)
+        self._open.extend(readings)
+        self._counts["readings_added"] += len(readings)
+        m = self.batch_max_readings
+        if len(self._open) >= m:
+            # the oldest readings close first; what is left over arrived just now. Quarantined
+            # inputs and marks of an earlier `add_delivery` go with the first batch, which
+            # holds that delivery's readings (they are at the front).
+            while len(self._open) >= m:
+                self._close(self._open[:m], *self._take_open_extras())
+                del self._open[:m]
+            self._open_since = self._now(now)
+
+    def add_delivery(
+        self,
+        readings: Sequence[Reading] = (),
+        *,
+        quarantined: Sequence[QuarantinedInput] = (),
+        marks: Sequence[SourceMark] = (),
+        receipt: Any = None,
+        now: float | None = None,
+    ) -> None:
+        """Add what one delivery of the source became — its readings, what was quarantined,
+        the source's marks — as a unit: all of it lands in one batch, so the journal commits
+        it in one transaction (a delivery bigger than a batch gets a batch of its own).
+
+        ``receipt`` (any value; None = none) comes back from `take_receipts` once everything
+        added so far, this delivery included, is committed: e.g. the MQTT packet id to
+        acknowledge to the broker. A delivery with nothing but a receipt (a redelivery of
+        something already held or committed) still waits for everything added before it.
+        """
+        if readings:
+            self._check_sensor(readings)
+        if readings or quarantined or marks:
+            if self._open and len(self._open) + len(readings) > self.batch_max_readings:
+                self.flush()
+            if not self._open_items():
+                self._open_since = self._now(now)
+            self._open.extend(readings)
+            self._open_quarantined.extend(quarantined)
+            self._open_marks.extend(marks)
+            self._open_extra_bytes += _extra_bytes(quarantined, marks)
+            self._counts["readings_added"] += len(readings)
+            self._counts["quarantined"] += len(quarantined)
+            # Quarantined inputs count like readings: a flood of bad input closes batches
+            # (and fills the buffer: back-pressure) like good input does.
+            if len(self._open) + len(self._open_quarantined) >= self.batch_max_readings:
+                self.flush()
+        if receipt is not None:
+            # The batch this receipt waits for: the open one (when it holds anything), else
+            # the last closed one (0: none yet).
+            waits_for = self._next_no if self._open_items() else self._next_no - 1
+            self._receipts.append((waits_for, receipt))
+
+    def take_receipts(self) -> list[Any]:
+        """Receipts whose deliveries — and every delivery added before them — are committed
+        (or were refused for good), oldest first; each is returned once."""
+        if not self._receipts:
+            return []
+        if self._out:
+            floor = min(self._out)
+        elif self._queued:
+            floor = self._queued[0].batch_id.batch_no
+        elif self._open_items():
+            floor = self._next_no
+        else:
+            floor = self._next_no + 1
+        released = []
+        while self._receipts and self._receipts[0][0] < floor:
+            released.append(self._receipts.popleft()[1])
+        return released
+
+    def drop_receipts(self) -> int:
+        """Forget every receipt not yet taken (e.g. the MQTT connection they belong to is
+        gone: the broker redelivers those messages). Returns how many."""
+        n = len(self._receipts)
+        self._receipts.clear()
+        return n
+
+    def _check_sensor(self, readings: Sequence[Reading]) -> None:
         for r in readings:
             if r.sensor_id != self.sensor_id:
                 raise ValueError(
                     f"SensorOutbox of sensor {self.sensor_id!r} got a reading of sensor "
                     f"{r.sensor_id!r}: each sensor actor needs its own outbox"
                 )
-        if not self._open:
-            self._open_since = self._now(now)
-        self._open.extend(readings)
-        self._counts["readings_added"] += len(readings)
-        m = self.batch_max_readings
-        if len(self._open) >= m:
-            # the oldest readings close first; what is left over arrived just now
-            while len(self._open) >= m:
-                self._close(self._open[:m])
-                del self._open[:m]
-            self._open_since = self._now(now)
+
+    def _open_items(self) -> bool:
+        return bool(self._open or self._open_quarantined or self._open_marks)
 
     def has_room(self) -> bool:
         """Whether the caller may produce more; false means hold the source (back-pressure)."""
-        return self._unacked_bytes < self.buffer_max_bytes
+        return self._unacked_bytes + self._open_extra_bytes < self.buffer_max_bytes
 
     def room(self) -> int:
         """How many readings the caller may add now: enough to fill the open batch, or 0."""
@@ -134,13 +232,21 @@ class SensorOutbox:
 
     def flush(self) -> None:
         """Close the open batch now (orderly stop: it is sent at the next `due_sends`)."""
-        if self._open:
-            self._close(self._open)
+        if self._open_items():
+            self._close(self._open, *self._take_open_extras())
             self._open = []
 
-    def _close(self, readings: list[Reading]) -> None:
-        batch = ReadingBatch.from_readings(readings)
-        held = _Held(BatchId(self.sensor_id, self.incarnation, self._next_no), batch)
+    def _take_open_extras(self) -> tuple[tuple[QuarantinedInput, ...], tuple[SourceMark, ...]]:
+        extras = tuple(self._open_quarantined), tuple(self._open_marks)
+        self._open_quarantined, self._open_marks = [], []
+        self._open_extra_bytes = 0
+        return extras
+
+    def _close(self, readings: list[Reading], quarantined: tuple[QuarantinedInput, ...] = (),
+               marks: tuple[SourceMark, ...] = ()) -> None:
+        batch = ReadingBatch.from_readings(readings) if readings else None
+        held = _Held(BatchId(self.sensor_id, self.incarnation, self._next_no), batch,
+                     quarantined, marks)
         self._next_no += 1
         self._queued.append(held)
         self._unacked_bytes += held.nbytes
@@ -162,7 +268,7 @@ class SensorOutbox:
         off). Closes the open batch first when its oldest reading is ``batch_max_age_s`` old.
         """
         now = self._now(now)
-        if self._open and now - self._open_since >= self.batch_max_age_s:
+        if self._open_items() and now - self._open_since >= self.batch_max_age_s:
             self.flush()
         sends: list[_Held] = []
         for held in self._out.values():
@@ -188,7 +294,7 @@ class SensorOutbox:
         # is below every queued one, so that is the lowest number out, else the queue's head.
         floor = min(self._out) if self._out else self._queued[0].batch_id.batch_no
         sends.sort(key=lambda h: h.batch_id.batch_no)
-        return [Append(h.batch_id, h.batch, floor) for h in sends]
+        return [Append(h.batch_id, h.batch, floor, h.quarantined, h.marks) for h in sends]
 
     # ---- replies --------------------------------------------------------------------------
     def _find(self, batch_id: BatchId) -> _Held | None:
@@ -208,7 +314,7 @@ class SensorOutbox:
             self._refused_waiting -= 1
         self._unacked_bytes -= held.nbytes
         self._counts["acked_batches"] += 1
-        self._counts["acked_readings"] += len(held.batch)
+        self._counts["acked_readings"] += held.readings
         self._update_pressure()
         assert held.first_sent is not None
         return self._now(now) - held.first_sent
@@ -228,7 +334,7 @@ class SensorOutbox:
                 self._refused_waiting -= 1
             self._unacked_bytes -= held.nbytes
             self._counts["refused"] += 1
-            self._counts["rejected_readings"] += len(held.batch)
+            self._counts["rejected_readings"] += held.readings
             self._refused_by_reason[msg.reason] += 1
             self._update_pressure()
             return
@@ -255,15 +361,23 @@ class SensorOutbox:
         """The earliest clock time at which `due_sends` has something to do (possibly already
         past: call it now), or None when nothing is pending."""
         deadlines = [held.due_at for held in self._out.values()]
-        if self._open:
+        if self._open_items():
             deadlines.append(self._open_since + self.batch_max_age_s)
         if self._queued and len(self._out) < self.max_in_flight and not self._refused_waiting:
             deadlines.append(float("-inf"))
         return min(deadlines) if deadlines else None
 
+    def unacknowledged_batches(self) -> int:
+        """Closed batches not yet acknowledged (queued, in flight or refused)."""
+        return len(self._queued) + len(self._out)
+
+    def has_open(self) -> bool:
+        """Whether the open batch holds anything."""
+        return self._open_items()
+
     def idle(self) -> bool:
         """Nothing open, nothing unacknowledged: an orderly stop may finish."""
-        return not self._open and not self._queued and not self._out
+        return not self._open_items() and not self._queued and not self._out
 
     def figures(self) -> dict[str, int]:
         """Counters and gauges for the inspector (names are stable: dashboards use them)."""
@@ -283,6 +397,8 @@ class SensorOutbox:
             "unacked_bytes": self._unacked_bytes,
             "in_flight": len(self._out),
             "open_readings": len(self._open),
+            "quarantined": c["quarantined"],
+            "receipts_waiting": len(self._receipts),
         }
         for reason, n in sorted(self._refused_by_reason.items()):
             figures[f"refused_{reason}"] = n

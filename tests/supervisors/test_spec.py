@@ -12,7 +12,7 @@ def test_gateway_tree_of_the_demo_config_is_valid_and_named_as_in_design():
     assert [c.name for c in tree.child("processing").settings.children] == ["router", "model"]
     sensors = tree.child("sensors").settings
     assert [c.name for c in sensors.children] == ["sensor:imu0", "sensor:gps0", "sensor:engine0"]
-    assert all(c.settings.device_id == "veh-001" for c in sensors.children)
+    assert all(c.settings.sensor.device_id == "veh-001" for c in sensors.children)
 
 
 def test_duplicate_child_names_and_unknown_classes_are_reported():

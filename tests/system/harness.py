@@ -55,14 +55,25 @@ def walk(node: dict):
         yield from walk(child)
 
 
+def toml_value(value: Any) -> str:
+    """``value`` as TOML (inline tables for dicts)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def config_text(sensors: list[dict], **sections: dict) -> str:
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
     for sensor in sensors:
         lines.append("[[sensors]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in sensor.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in sensor.items()]
     return "\n".join(lines) + "\n"
 
 
