@@ -67,7 +67,7 @@ def _journaled(db_path: str) -> tuple[int, int, int | None]:
         db.set_busy_timeout(5000)
         count, distinct, last = db.execute(
             "SELECT count(*), count(DISTINCT json_extract(payload, '$.n')), max(committed_ns) "
-            "FROM records WHERE sensor_id = ?", (SENSOR,)).fetchone()
+            "FROM records WHERE sensor_id = ? AND kind = 'engine'", (SENSOR,)).fetchone()
         return count, distinct, last
     finally:
         db.close()

@@ -18,21 +18,21 @@ through, and whose first delivery was lost on the wire. It would be acknowledged
 journaled — identical content, but a lost reading. Brokers cycle ids through 65535, so this
 needs an identical message exactly 65535 ids later plus a lost connection at that moment.)
 
-`MqttSession` drives paho without its network thread (THESPIAN_NOTES.md: never send from a
-thread): the actor watches the socket and calls `read` when it is readable, and `step` on its
-timer (connect, keepalive, writes, reconnect backoff). Only the blocking part of a connection
-attempt (TCP connect and TLS handshake) runs in a short-lived thread that sends nothing; the
-actor does not touch the client until it is done.
+`MqttSession` runs paho's network thread, which never sends an actor message (THESPIAN_NOTES:
+never send from a thread): it queues deliveries and wakes the actor through a socketpair the
+actor watches; the actor reads them, journals them and acknowledges the committed ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import random
+import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,10 +49,9 @@ from messages.journal import QuarantinedInput, SourceMark
 from messages.readings import IDENT_RE, Reading
 
 #: Session states (figures show them).
-DISCONNECTED, CONNECTING, HANDSHAKE, CONNECTED = (
-    "disconnected", "connecting", "awaiting-connack", "connected")
-#: Bytes read from the socket at once (paho asks for a packet's few bytes at a time).
-READ_CHUNK = 256 * 1024
+DISCONNECTED, CONNECTING, CONNECTED = "disconnected", "connecting", "connected"
+#: Topics whose rule, device and kind are remembered (a fleet's topics repeat).
+TOPIC_CACHE_SIZE = 4096
 
 
 @attrs.frozen(slots=True)
@@ -145,6 +144,8 @@ class MqttMessages:
         self.sensor_id = sensor_id
         self.device_id = device_id
         self.rules = [TopicRule(t) for t in source.topics]
+        #: topic -> (rule, device, kind), or a DecodeError for a topic that maps to nothing.
+        self._topics: dict[bytes, tuple[TopicRule, str, str] | DecodeError] = {}
         #: packet id -> fingerprint of the message last journaled (or held) under it.
         self.marks: dict[int, str] = {}
         for key, value in journaled_marks.items():
@@ -175,73 +176,72 @@ class MqttMessages:
         return readings, quarantined, marks, receipt
 
     def decode(self, d: Delivery) -> tuple[list[Reading], list[QuarantinedInput]]:
+        mapping = self._topics.get(d.topic)
+        if mapping is None:
+            mapping = self._map_topic(d.topic)
+            if len(self._topics) >= TOPIC_CACHE_SIZE:
+                self._topics.clear()
+            self._topics[d.topic] = mapping
+        if isinstance(mapping, DecodeError):
+            return [], [self._reject(d, str(mapping))]
+        rule, device, kind = mapping
         try:
-            topic = d.topic.decode("utf-8")
+            records = rule.decoder.decode(d.payload, d.received_ns)
+            readings = [Reading(record.device_id or device, self.sensor_id, record.ts, kind,
+                                record.values) for record in records]
+        except (DecodeError, MessageValidationError) as exc:
+            return [], [self._reject(d, str(exc))]
+        if not readings:
+            return [], [self._reject(d, "payload holds no readings")]
+        return readings, []
+
+    def _map_topic(self, raw: bytes) -> tuple[TopicRule, str, str] | DecodeError:
+        """The rule, device and kind of topic ``raw``, or why it maps to nothing."""
+        try:
+            topic = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return [], [self._reject(d, repr(d.topic)[2:-1], "topic is not valid UTF-8")]
+            return DecodeError("topic is not valid UTF-8")
         levels = topic.split("/")
         rule = next((r for r in self.rules if r.matches(levels)), None)
         if rule is None:
             # Subscribed filters and rules are the same list, so only a broker delivering
             # outside them (or an old session's subscription) gets here.
-            self.counts["unmatched"] += 1
-            return [], [self._reject(d, topic, "topic matches none of the sensor's filters")]
+            return DecodeError("topic matches none of the sensor's filters")
         try:
-            kind = rule.kind(levels)
-            records = rule.decoder.decode(d.payload, d.received_ns)
-            readings = []
-            for record in records:
-                device = record.device_id or rule.device(levels, self.device_id)
-                readings.append(Reading(device, self.sensor_id, record.ts, kind,
-                                        record.values))
+            return rule, rule.device(levels, self.device_id), rule.kind(levels)
         except DecodeError as exc:
-            return [], [self._reject(d, topic, str(exc))]
-        except MessageValidationError as exc:
-            return [], [self._reject(d, topic, str(exc))]
-        if not readings:
-            return [], [self._reject(d, topic, "payload holds no readings")]
-        return readings, []
+            return exc
 
-    @staticmethod
-    def _reject(d: Delivery, topic: str, reason: str) -> QuarantinedInput:
+    def _reject(self, d: Delivery, reason: str) -> QuarantinedInput:
+        if reason == "topic matches none of the sensor's filters":
+            self.counts["unmatched"] += 1
+        topic = d.topic.decode("utf-8", "backslashreplace")
         return QuarantinedInput.of(f"mqtt:{topic}", reason, d.payload, d.received_ns)
 
 
 class _Client(paho.Client):
-    """paho's client with buffered reads: paho reads a packet a few bytes at a time (three or
-    more recv calls per message); this reads the socket in large chunks and serves paho from
-    the buffer, and notes when the socket has nothing more (``drained``)."""
+    """paho's client with a shortcut: paho looks up per-topic callbacks (message_callback_add)
+    for every message, decoding the topic first; none are used here, so each message goes
+    straight to ``on_message``."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rbuf = bytearray()
-        self._rpos = 0
-        self.drained = False
-
-    def reset_buffer(self) -> None:
-        self._rbuf = bytearray()
-        self._rpos = 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            try:
-                chunk = super()._sock_recv(READ_CHUNK)
-            except BlockingIOError:
-                self.drained = True
-                raise
-            if not chunk:
-                return b""  # connection closed: paho handles it
-            self._rbuf = bytearray(chunk)
-            self._rpos = 0
-        end = min(len(self._rbuf), self._rpos + bufsize)
-        data = bytes(self._rbuf[self._rpos:end])
-        self._rpos = end
-        return data
+    def _handle_on_message(self, message: Any) -> None:
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                on_message(self, self._userdata, message)
 
 
 class MqttSession:
-    """One sensor's MQTT session: connect, subscribe, read deliveries, acknowledge, keepalive,
-    reconnect with backoff. Everything but the connect thread runs in the caller's thread."""
+    """One sensor's MQTT session: connect, subscribe, deliveries, acknowledgements,
+    keepalive, reconnect with backoff.
+
+    paho's network thread (``loop_start``) reads and parses packets, keeps the connection
+    alive and reconnects with a doubling backoff; it touches nothing of the actor: deliveries
+    go into a queue and a byte on a socketpair tells the actor (which watches ``fileno()``)
+    that there are some. The actor takes them with `read` and acknowledges committed ones
+    with `ack` (paho's calls are thread-safe). Measured: parsing in the actor's own thread
+    kept it so busy that Thespian's transmits to the journal backed off for seconds.
+    """
 
     def __init__(self, conn: MqttConnection, *, clock: Callable[[], float] = time.monotonic,
                  clock_ns: Callable[[], int] = time.time_ns, host: str | None = None,
@@ -252,18 +252,21 @@ class MqttSession:
         self.port = port or self.broker.port
         self._clock = clock
         self._clock_ns = clock_ns
+        #: Guards what paho's thread and the actor share: state, session, the queue.
+        self._lock = threading.Lock()
         self.state = DISCONNECTED
         #: Connection number: receipts of an earlier connection are never acknowledged.
         self.session = 0
         self.problem = ""
         self.session_present: bool | None = None
         self._client: _Client | None = None
-        self._inbox: list[Delivery] = []
+        self._inbox: deque[Delivery] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._signalled = False
         self._retry_at = 0.0
-        self._backoff = 0.0
-        self._deadline = 0.0
-        self._connect_thread: threading.Thread | None = None
-        self._connect_error: BaseException | None = None
+        self._setup_failures = 0
         self.counts = {"connects": 0, "disconnects": 0, "acks": 0, "stale_receipts": 0,
                        "connect_failures": 0}
 
@@ -279,7 +282,7 @@ class MqttSession:
             manual_ack=True,
         )
         client.connect_timeout = b.connect_timeout_s
-        client.suppress_exceptions = False
+        client.reconnect_delay_set(b.reconnect_min_s, b.reconnect_max_s)
         if b.username or b.password_env:
             password = None
             if b.password_env:
@@ -292,138 +295,105 @@ class MqttSession:
             client.tls_set(ca_certs=b.tls_ca, certfile=b.tls_cert or None,
                            keyfile=b.tls_key or None, cert_reqs=ssl.CERT_REQUIRED)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
 
-    # ---- driving ----------------------------------------------------------------------------
+    # ---- driving (actor thread) -------------------------------------------------------------
     def step(self) -> None:
-        """Advance connection management: start a connection attempt when due, finish one
-        the connect thread completed, time out a silent broker, keepalive and writes."""
-        now = self._clock()
-        if self.state == DISCONNECTED and now >= self._retry_at:
-            self._start_connect()
-        elif self.state == CONNECTING:
-            thread = self._connect_thread
-            if thread is not None and not thread.is_alive():
-                self._finish_connect()
-        elif self.state == HANDSHAKE:
-            self._fill(1)  # CONNACK (deliveries right behind it wait in the inbox)
-            if self.state == HANDSHAKE and now > self._deadline:
-                self._lost(f"no CONNACK from {self.host}:{self.port} within "
-                           f"{self.broker.connect_timeout_s} s")
-        if self.state in (HANDSHAKE, CONNECTED) and self._client is not None:
-            rc = self._client.loop_misc()
-            if rc == paho.MQTT_ERR_SUCCESS and self._client.want_write():
-                rc = self._client.loop_write()
-            if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN) and self.state != \
-                    DISCONNECTED:
-                self._lost(f"connection to {self.host}:{self.port} lost "
-                           f"({paho.error_string(rc)})")
+        """Start the client when due (it then connects and reconnects by itself)."""
+        if self._client is None and self._clock() >= self._retry_at:
+            self._start()
+
+    def _start(self) -> None:
+        b = self.broker
+        try:
+            client = self._new_client()
+            if b.protocol == "5":
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = b.session_expiry_s
+                client.connect_async(self.host, self.port, b.keepalive_s, clean_start=False,
+                                     properties=props)
+            else:
+                client.connect_async(self.host, self.port, b.keepalive_s)
+        except (ValueError, OSError, ssl.SSLError) as exc:
+            # A setup problem (a missing password variable, unreadable TLS files): retry
+            # slowly, it may be fixed without a restart (files appear after provisioning).
+            self._setup_failures += 1
+            self.problem = f"cannot set up the MQTT client: {exc}"
+            self.counts["connect_failures"] += 1
+            self._retry_at = self._clock() + min(
+                b.reconnect_max_s, b.reconnect_min_s * 2 ** min(self._setup_failures, 10))
+            return
+        with self._lock:
+            self.state = CONNECTING
+        self._client = client
+        client.loop_start()
 
     def read(self, max_messages: int) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries waiting on the socket; never blocks."""
-        self._fill(max_messages)
-        out = self._inbox[:max_messages]
-        del self._inbox[:max_messages]
+        """Up to ``max_messages`` deliveries, oldest first; never blocks."""
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+        with self._lock:
+            n = min(max_messages, len(self._inbox))
+            out = [self._inbox.popleft() for _ in range(n)]
+            if not self._inbox:
+                self._signalled = False
+            else:
+                self._wake()  # more waiting: keep the watch ready
         return out
 
-    def _fill(self, budget: int) -> None:
-        """Read packets until the socket has no more or ``budget`` deliveries wait. Protocol
-        packets (CONNACK, SUBACK, PINGRESP) are handled on the way."""
-        client = self._client
-        if client is None or self.state not in (HANDSHAKE, CONNECTED):
-            return
-        client.drained = False
-        while not client.drained and len(self._inbox) < max(1, budget):
-            rc = client.loop_read()
-            if self._client is not client:
-                return  # the connection was refused or lost while reading
-            if rc != paho.MQTT_ERR_SUCCESS:
-                self._lost(f"connection to {self.host}:{self.port} lost "
-                           f"({paho.error_string(rc)})")
-                return
+    def pending(self) -> int:
+        """Deliveries waiting to be read."""
+        return len(self._inbox)
 
     def ack(self, receipts: list[Receipt]) -> None:
-        """PUBACK the receipts of the current connection (others are stale: the broker
-        redelivers those messages on the new connection)."""
+        """PUBACK the receipts of the current connection. Others are stale and dropped: the
+        broker redelivers those messages on the new connection, and a PUBACK for an old
+        packet id could acknowledge a different message that reuses it."""
         client = self._client
-        for r in receipts:
-            if r.session != self.session or self.state != CONNECTED or client is None:
-                self.counts["stale_receipts"] += 1
-                continue
-            client.ack(r.mid, r.qos)
-            self.counts["acks"] += 1
+        with self._lock:  # on_disconnect/on_connect cannot slip between check and ack
+            for r in receipts:
+                if r.session != self.session or self.state != CONNECTED or client is None:
+                    self.counts["stale_receipts"] += 1
+                    continue
+                client.ack(r.mid, r.qos)
+                self.counts["acks"] += 1
 
     def fileno(self) -> int | None:
-        """The socket to watch for reading (only while connected)."""
-        if self.state not in (HANDSHAKE, CONNECTED) or self._client is None:
-            return None
-        sock = self._client.socket()
-        return sock.fileno() if sock is not None else None
+        """Readable when deliveries wait (the actor watches it)."""
+        return self._wake_r.fileno()
 
     def close(self) -> None:
         """Disconnect cleanly (the persistent session stays with the broker)."""
-        client = self._client
-        if client is not None and self.state in (HANDSHAKE, CONNECTED):
-            try:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
                 client.disconnect()
-                client.loop_write()
-            except Exception:
-                pass
-        self._drop_client()
-        self.state = DISCONNECTED
-
-    # ---- connection management --------------------------------------------------------------
-    def _start_connect(self) -> None:
-        try:
-            client = self._new_client()
-        except (ValueError, OSError, ssl.SSLError) as exc:
-            self._failed(f"cannot set up the MQTT client: {exc}")
-            return
-        self._client = client
-        self.state = CONNECTING
-        self._connect_error = None
-        b = self.broker
-
-        def connect() -> None:  # blocking TCP + TLS: in a thread that sends no actor message
-            try:
-                if b.protocol == "5":
-                    props = Properties(PacketTypes.CONNECT)
-                    props.SessionExpiryInterval = b.session_expiry_s
-                    client.connect(self.host, self.port, b.keepalive_s, clean_start=False,
-                                   properties=props)
-                else:
-                    client.connect(self.host, self.port, b.keepalive_s)
-            except BaseException as exc:  # reported by _finish_connect
-                self._connect_error = exc
-
-        self._connect_thread = threading.Thread(target=connect, name="mqtt-connect",
-                                                daemon=True)
-        self._connect_thread.start()
-
-    def _finish_connect(self) -> None:
-        self._connect_thread = None
-        if self._connect_error is not None:
-            exc = self._connect_error
-            self._drop_client()
+            client.loop_stop()
+        with self._lock:
             self.state = DISCONNECTED
-            self._failed(f"cannot connect to {self.host}:{self.port}: {exc}")
-            return
-        self.state = HANDSHAKE
-        self._deadline = self._clock() + self.broker.connect_timeout_s
+            self._inbox.clear()
+            self._signalled = False
 
+    # ---- paho's thread ----------------------------------------------------------------------
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         if reason.is_failure:
-            self._lost(f"broker {self.host}:{self.port} refused the connection: {reason}")
+            with self._lock:
+                self.state = DISCONNECTED
+                self.problem = (f"broker {self.host}:{self.port} refused the connection: "
+                                f"{reason}")
+                self.counts["connect_failures"] += 1
             return
-        self.session += 1
-        self.state = CONNECTED
-        self.problem = ""
-        self._backoff = 0.0
-        self.counts["connects"] += 1
-        self.session_present = bool(flags.session_present)
+        with self._lock:
+            self.session += 1
+            self.state = CONNECTED
+            self.problem = ""
+            self.counts["connects"] += 1
+            self.session_present = bool(flags.session_present)
         topics = self.conn.source.topics
         if self.broker.protocol == "5":
             # retainHandling=1: retained messages only for a new subscription, so resubscribing
@@ -435,45 +405,40 @@ class MqttSession:
             # broker has no session for us (it keeps the subscriptions otherwise).
             client.subscribe([(t.filter, t.qos) for t in topics])
 
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        with self._lock:
+            self.state = DISCONNECTED
+            self.problem = f"cannot connect to {self.host}:{self.port}"
+            self.counts["connect_failures"] += 1
+
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
-        if self.state != DISCONNECTED:
-            self._lost(f"broker {self.host}:{self.port} closed the connection ({reason})")
+        with self._lock:
+            if self.state == CONNECTED:
+                self.counts["disconnects"] += 1
+                self.problem = f"connection to {self.host}:{self.port} lost ({reason})"
+            self.state = DISCONNECTED
+            # Deliveries of the lost connection not read yet: the broker redelivers them.
+            self._inbox.clear()
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        self._inbox.append(Delivery(
-            message.mid, message.qos, bool(message.dup), bool(message.retain),
-            bytes(message._topic), bytes(message.payload), self._clock_ns(), self.session))
+        d = Delivery(message.mid, message.qos, bool(message.dup), bool(message.retain),
+                     bytes(message._topic), bytes(message.payload), self._clock_ns(),
+                     self.session)
+        with self._lock:
+            self._inbox.append(d)
+            if not self._signalled:
+                self._signalled = True
+                self._wake()
 
-    def _lost(self, why: str) -> None:
-        self.counts["disconnects"] += 1
-        self._drop_client()
-        self.state = DISCONNECTED
-        self._failed(why)
-
-    def _failed(self, why: str) -> None:
-        self.problem = why
-        self.counts["connect_failures"] += 1
-        b = self.broker
-        self._backoff = min(b.reconnect_max_s, max(b.reconnect_min_s, self._backoff * 2))
-        self._retry_at = self._clock() + self._backoff * random.uniform(0.8, 1.2)
-
-    def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        self._inbox = []
-        if client is not None:
-            client.on_disconnect = None
-            try:
-                sock = client.socket()
-                if sock is not None:
-                    sock.close()
-            except Exception:
-                pass
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"!")
 
     def figures(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mqtt_state": self.state, "mqtt_session": self.session}
+        out: dict[str, Any] = {"mqtt_state": self.state, "mqtt_session": self.session,
+                               "mqtt_pending": len(self._inbox)}
         out.update({f"mqtt_{k}": v for k, v in self.counts.items()})
         if self.problem:
             out["mqtt_problem"] = self.problem
         return out
-
