@@ -14,6 +14,12 @@ link (`tools.link_proxy`). Then:
    the per-device reconciliation prints: journaled, synced, rows in ClickHouse (FINAL and
    raw), duplicates, lag — I5 holds when FINAL == distinct seqs == synced.
 
+When mosquitto is installed, the gateway also gets real sources (config/demo_sources.toml):
+its own supervised mosquitto with an MQTT sensor fed by `tools.mqtt_publisher`, a CAN sensor
+decoding config/demo_vehicle.dbc from `tools.can_player` (UDP multicast), and an NMEA sensor fed
+by `tools.nmea_replay` (config/demo_drive.nmea over UDP); malformed input from the feeders
+lands in the journal's quarantine. Without mosquitto the demo runs on the simulator alone.
+
 Everything lives in ``DATA_DIR/demo`` (default ./data/demo), made afresh on every run.
 """
 
@@ -22,6 +28,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +93,57 @@ def gateway_config(base: str, url: str, keys: Path, port: int, sensors: bool) ->
     return text + UPLINK.format(url=url, keys=keys, device=DEVICE)
 
 
+CONFIG_DIR = Path(default_config_path()).parent
+
+
+def sources_config() -> tuple[str, dict[str, int]] | None:
+    """config/demo_sources.toml with free ports (and the DBC's absolute path), and those
+    ports; None when mosquitto is not installed."""
+    from actors.broker.launcher import BrokerError, find_binary
+
+    try:
+        find_binary("mosquitto")
+    except BrokerError:
+        return None
+    ports = {"broker": free_port(), "can": free_port(), "nmea": free_port()}
+    text = (CONFIG_DIR / "demo_sources.toml").read_text()
+    text = (text.replace("port = 18830", f"port = {ports['broker']}")
+                .replace("port = 43113", f"port = {ports['can']}")
+                .replace("udp://127.0.0.1:10110", f"udp://127.0.0.1:{ports['nmea']}")
+                .replace('dbc = "config/demo_vehicle.dbc"',
+                         f'dbc = "{CONFIG_DIR / "demo_vehicle.dbc"}"'))
+    return text, ports
+
+
+def start_feeders(ports: dict[str, int], out_dir: Path) -> list[subprocess.Popen]:
+    """The sources' feeders: MQTT publisher, CAN bus player, NMEA log replay."""
+    commands = {
+        "mqtt_publisher": ["--port", str(ports["broker"]), "--device", DEVICE, "--rate", "5"],
+        "can_player": ["--interface", "udp_multicast", "--channel", "239.74.163.9",
+                       "--port", str(ports["can"]), "--dbc", str(CONFIG_DIR / "demo_vehicle.dbc"),
+                       "--rate", "10"],
+        "nmea_replay": [str(CONFIG_DIR / "demo_drive.nmea"),
+                        f"udp://127.0.0.1:{ports['nmea']}", "--rate", "1", "--loop", "--live"],
+    }
+    procs = []
+    for module, args in commands.items():
+        with open(out_dir / f"{module}.out", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", f"tools.{module}", *args],
+                                          stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def stop_feeders(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def run_demo(data_dir: str, up_s: float, cut_s: float, after_s: float) -> int:
     root = Path(data_dir).resolve() / "demo"
     shutil.rmtree(root, ignore_errors=True)
@@ -105,15 +164,28 @@ def run_demo(data_dir: str, up_s: float, cut_s: float, after_s: float) -> int:
     config = gw_dir / "gateway.toml"
     port = free_port()
     url = f"https://127.0.0.1:{link.port}"
-    config.write_text(gateway_config(base, url, keys, port, sensors=True))
+    sources = sources_config()
+    main_config = gateway_config(base, url, keys, port, sensors=True)
+    if sources is not None:
+        main_config += "\n" + sources[0]
+    config.write_text(main_config)
     say(f"central receiver (HTTPS, client certificates required, chdb) on {central.url}")
     central.start()
     gateway = GatewayProcess(str(config), str(gw_dir / "data"), port,
                              str(gw_dir / "gateway.out"))
     journal = gateway.journal_path
+    feeders: list[subprocess.Popen] = []
     try:
         say(f"gateway on config/demo.toml, uplink {url} (the link, then the receiver)")
         gateway.start()
+        if sources is not None:
+            feeders = start_feeders(sources[1], gw_dir)
+            say(f"real sources too (config/demo_sources.toml): the gateway's own mosquitto on "
+                f"127.0.0.1:{sources[1]['broker']} with an MQTT publisher, a CAN bus player "
+                f"(demo_vehicle.dbc) and an NMEA log replay")
+        else:
+            say("mosquitto is not installed: simulated sensors only (apt-get install mosquitto "
+                "adds MQTT, CAN and NMEA sources to the demo)")
         watch(journal, up_s, "link up")
         link.cut()
         say(f"LINK CUT for {cut_s:.0f} s: connections reset; the journal keeps everything")
@@ -121,8 +193,10 @@ def run_demo(data_dir: str, up_s: float, cut_s: float, after_s: float) -> int:
         link.restore()
         say("link restored: the backlog drains, P1 first")
         watch(journal, after_s, "link up")
+        stop_feeders(feeders)
         say("stopping the gateway (orderly: what is in flight finishes)")
         gateway.terminate()
+        report_sources(journal)
         drain = GatewayProcess(str(gw_dir / "drain.toml"), str(gw_dir / "data"), port,
                                str(gw_dir / "drain.out"))
         Path(drain.config_path).write_text(gateway_config(base, url, keys, port, False))
@@ -136,10 +210,25 @@ def run_demo(data_dir: str, up_s: float, cut_s: float, after_s: float) -> int:
             time.sleep(0.5)
         drain.terminate()
     finally:
+        stop_feeders(feeders)
         gateway.stop()
         link.close()
         central.stop()
     return reconcile_and_print(str(gw_dir / "data"), central)
+
+
+def report_sources(journal: str) -> None:
+    """Readings per source kind and what went to the quarantine."""
+    try:
+        with JournalReader(journal) as reader:
+            stats = reader.stats()
+            per_sensor = reader.records_per_sensor()
+    except Exception:
+        return
+    say("journaled per sensor: " + ", ".join(f"{s} {n}" for s, n in per_sensor.items()))
+    for q in stats.quarantine:
+        say(f"quarantined from {q.sensor_id}: {q.quarantined} (last: {q.last_reason}); "
+            f"fleetgw journal quarantine --db {journal} shows them")
 
 
 def reconcile_and_print(data_dir: str, central: CentralProcess) -> int:

@@ -78,6 +78,28 @@ def epochs(lines: Iterable[bytes]) -> list[list[bytes]]:
     return groups
 
 
+def restamp(line: bytes, now: datetime) -> bytes:
+    """``line`` with its fix time (and an RMC's date) set to ``now``, checksum recomputed —
+    only for a well-formed sentence whose checksum was right: a bad line stays bad."""
+    if not line.startswith(b"$") or b"*" not in line:
+        return line
+    body, _, tail = line[1:].partition(b"*")
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        return line
+    if sentence(text).encode() != line[:len(body) + 4] or len(tail) != 2:
+        return line  # bad checksum or a truncated line: replayed as it is
+    fields = text.split(",")
+    index = _TIMED.get(fields[0][2:5])
+    if index is None or index >= len(fields) or not fields[index]:
+        return line
+    fields[index] = now.strftime("%H%M%S.") + f"{now.microsecond // 10000:02d}"
+    if fields[0][2:5] == "RMC" and len(fields) > 9:
+        fields[9] = now.strftime("%d%m%y")
+    return sentence(",".join(fields)).encode()
+
+
 # ---- replay ------------------------------------------------------------------------------------
 def _endpoint(url: str) -> tuple[str, str, int]:
     parts = urlsplit(url)
@@ -96,6 +118,7 @@ def replay(
     stop: threading.Event | None = None,
     on_listen: Callable[[tuple[str, int]], None] | None = None,
     wait_for_client: bool = True,
+    live: bool = False,
 ) -> int:
     """Send ``lines`` to ``target_url`` at ``rate_hz`` epochs per second (<= 0: as fast as
     possible); returns the number of lines sent (to the first client for TCP).
@@ -104,6 +127,7 @@ def replay(
     tcp://host:port: listen there (port 0: a free one; ``on_listen`` gets the address), wait
     for the first client (``wait_for_client``), then stream each epoch to every client
     connected. ``loop`` repeats the log until ``stop`` is set; ``stop`` ends the replay early.
+    ``live``: each epoch carries the time it is sent (`restamp`), as a receiver would now.
     """
     scheme, host, port = _endpoint(target_url)
     stop = stop or threading.Event()
@@ -126,6 +150,9 @@ def replay(
                 delay = start + k * period - time.monotonic()
                 if delay > 0 and stop.wait(delay):
                     return sent
+                if live:
+                    now = datetime.now(UTC)
+                    group = [restamp(line, now) for line in group]
                 sent += sender.send(group)
                 k += 1
             if not loop:
@@ -328,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loop", action="store_true", help="repeat the log until interrupted")
     parser.add_argument("--per-epoch", action="store_true",
                         help="udp: one datagram per epoch instead of one per sentence")
+    parser.add_argument("--live", action="store_true",
+                        help="stamp each epoch with the current UTC time (good sentences only)")
     parser.add_argument("--write-demo", action="store_true",
                         help="write the demo drive log to FILE and exit")
     args = parser.parse_args(argv)
@@ -350,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         sent = replay(lines, args.target, args.rate, loop=args.loop, per_epoch=args.per_epoch,
-                      on_listen=listening)
+                      on_listen=listening, live=args.live)
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

@@ -577,6 +577,12 @@ class JournalReader:
         """See `sync_counts` (reconciliation with central)."""
         return sync_counts(self._conn)
 
+    def records_per_sensor(self) -> dict[str, int]:
+        """Records each sensor has in the journal (the router's aggregates not counted)."""
+        return dict(self._conn.execute(
+            "SELECT sensor_id, count(*) FROM records WHERE kind NOT LIKE 'agg:%' "
+            "GROUP BY sensor_id ORDER BY sensor_id"))
+
     def source_marks(self, sensor_id: str) -> dict[str, str]:
         """The source marks sensor ``sensor_id`` committed with its batches (key -> value):
         what a restarted source reads back to recognise redeliveries."""

@@ -27,3 +27,22 @@ def test_the_demo_cuts_the_link_and_reconciles(tmp_path):
     assert syncable > 100 and synced == syncable == final and unsynced == 0, out[-3000:]
     assert raw - duplicates == final and row[-1] == "ok"
     assert "I5 holds" in out
+    if "real sources too" in out:  # mosquitto is installed: MQTT, CAN and NMEA ran too
+        per_sensor = next(line for line in out.splitlines() if "journaled per sensor:" in line)
+        counts = dict(item.rsplit(" ", 1) for item in
+                      per_sensor.split("journaled per sensor: ", 1)[1].split(", "))
+        for sensor in ("cabin-mqtt", "can0", "gnss0"):
+            assert int(counts.get(sensor, 0)) > 0, per_sensor
+
+
+def test_the_demo_runs_real_sources_when_mosquitto_is_installed(tmp_path):
+    from actors.broker.launcher import BrokerError, find_binary
+
+    try:
+        find_binary("mosquitto")
+    except BrokerError:
+        pytest.skip("mosquitto is not installed: the demo runs on the simulator alone")
+    from tools.demo import sources_config
+
+    text, ports = sources_config()
+    assert str(ports["broker"]) in text and 'type = "mqtt"' in text and 'type = "can"' in text
