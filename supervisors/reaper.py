@@ -54,17 +54,23 @@ def alive(pid: int | None, started: float | None = None) -> bool:
 
 def kill(pid: int, started: float | None = None) -> bool:
     """SIGKILL ``pid`` and its descendants (if it is still the process started at
-    ``started``). Returns whether it was alive."""
+    ``started``). Returns whether it was alive.
+
+    Descendants that are other programs than the gateway's Python (the local broker's
+    mosquitto) get SIGTERM instead: they are not hung, and mosquitto saves its queued
+    messages on SIGTERM, which SIGKILL would lose."""
     if not alive(pid, started):
         return False
     try:
         proc = psutil.Process(pid)
         victims = [proc, *proc.children(recursive=True)]
+        ours = proc.exe()
     except psutil.Error:
         return False
     for victim in victims:
         with contextlib.suppress(psutil.Error):
-            victim.send_signal(signal.SIGKILL)
+            foreign = victim is not proc and victim.exe() != ours
+            victim.send_signal(signal.SIGTERM if foreign else signal.SIGKILL)
     return True
 
 
