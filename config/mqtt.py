@@ -142,7 +142,8 @@ class MqttSettings:
     #: MQTT 5: seconds the broker keeps the session (and queues QoS 1 messages for it) while
     #: the sensor is disconnected. MQTT 3.1.1 sessions persist until the broker forgets them.
     session_expiry_s: int = attrs.field(default=7 * 24 * 3600, validator=_non_negative)
-    #: Seconds a connection attempt (TCP + TLS + CONNACK) may take.
+    #: Seconds a connection attempt may take: the TCP connect and TLS handshake, and then
+    #: again the broker's CONNACK.
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
     #: Reconnect backoff: the first wait, doubling (with jitter) up to the cap, seconds.
     reconnect_min_s: float = attrs.field(default=0.2, validator=_positive)

@@ -12,6 +12,7 @@ with the batch (I8).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import deque
@@ -19,12 +20,18 @@ from typing import Any
 
 from actors.base import SupervisedActor, log
 from actors.sensors.can import CanSource
-from actors.sensors.mqtt import CONNECTED, MqttMessages, MqttSession
+from actors.sensors.mqtt import CONNECTED, SUBSCRIPTIONS_MARK, MqttMessages, MqttSession
 from actors.sensors.nmea import NmeaSource
 from actors.sensors.outbox import NEVER_RETRY, SensorOutbox
 from actors.sensors.sim import SimulatedSource
 from config.schema import SensorActorSettings, SensorSettings
-from messages.journal import Appended, AppendRefused, ReadSourceMarks, SourceMarksRead
+from messages.journal import (
+    Appended,
+    AppendRefused,
+    ReadSourceMarks,
+    SourceMark,
+    SourceMarksRead,
+)
 from messages.supervision import StopChild
 
 #: How often a sensor wakes up to produce, batch and resend, seconds.
@@ -187,8 +194,9 @@ class MqttSensor(SensorActor):
     MARKS_RETRY_S = 1.0
 
     def open_source(self) -> None:
-        conn = self.settings.mqtt
-        self.session = MqttSession(conn)
+        #: Built once the journal answered with the marks (they say what the broker's
+        #: session is subscribed to).
+        self.session: MqttSession | None = None
         #: Built once the journal answered with the marks: no connection before that, so a
         #: redelivery is always checked against every mark committed.
         self.messages: MqttMessages | None = None
@@ -206,8 +214,12 @@ class MqttSensor(SensorActor):
     def receiveMsg_SourceMarksRead(self, msg: SourceMarksRead, sender: Any) -> None:
         if self.messages is None and msg.sensor_id == self.sensor.id:
             s = self.sensor
-            self.messages = MqttMessages(self.settings.mqtt.source, s.id, s.device_id,
-                                         dict(msg.marks))
+            marks = dict(msg.marks)
+            subscribed = marks.get(SUBSCRIPTIONS_MARK)
+            self.session = MqttSession(
+                self.settings.mqtt,
+                held_filters=None if subscribed is None else tuple(json.loads(subscribed)))
+            self.messages = MqttMessages(self.settings.mqtt.source, s.id, s.device_id, marks)
             self.session.step()
 
     def produce(self) -> None:
@@ -221,7 +233,10 @@ class MqttSensor(SensorActor):
     def pump(self) -> None:
         """Move waiting deliveries into the outbox (while it has room), send what is due and
         acknowledge what is committed."""
-        assert self.outbox is not None and self.messages is not None
+        assert self.outbox is not None and self.messages is not None and self.session
+        change = self.session.take_subscription_change()
+        if change is not None:  # commit what the broker's session now holds
+            self.outbox.add_delivery(marks=[SourceMark(SUBSCRIPTIONS_MARK, json.dumps(change))])
         deadline = time.monotonic() + self.TURN_S
         self.backlogged = False
         while self.outbox.has_room():
@@ -250,7 +265,7 @@ class MqttSensor(SensorActor):
     def ack_committed(self) -> None:
         assert self.outbox is not None
         receipts = self.outbox.take_receipts()
-        if receipts:
+        if receipts and self.session is not None:
             self.session.ack(receipts)
 
     def receiveMsg_Appended(self, msg: Appended, sender: Any) -> None:
@@ -279,14 +294,17 @@ class MqttSensor(SensorActor):
 
     def on_timer_tick(self) -> None:
         super().on_timer_tick()
-        if self.stopped:
+        if self.stopped and self.session is not None:
             self.session.close()  # everything acknowledged: leave the session to the broker
 
     def on_exit(self) -> None:
-        self.session.close()
+        if self.session is not None:
+            self.session.close()
 
     def figures(self) -> list[tuple[str, Any]]:
         figures = super().figures()
+        if self.session is None:
+            return [*figures, ("mqtt_state", "waiting for the journal's marks")]
         figures.extend(self.session.figures().items())
         if self.messages is not None:
             figures.extend((f"mqtt_{k}", v) for k, v in self.messages.counts.items())

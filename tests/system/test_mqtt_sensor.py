@@ -148,5 +148,10 @@ def test_every_acknowledged_message_is_journaled_once_through_kills_and_a_broker
         assert not twice, f"journaled more than once: {sorted(twice)[:10]}"
         strangers = set(counts) - acked - ledger.unknown
         assert not strangers, f"journaled but never published: {sorted(strangers)[:10]}"
+        # The journal knows what the broker's session is subscribed to (a restart with a
+        # changed topic list subscribes the difference, also with MQTT 3.1.1).
+        with JournalReader(os.path.join(gw.data_dir, "journal.db")) as reader:
+            marks = reader.source_marks("mq0")
+        assert json.loads(marks["mqtt:subscriptions"]) == ["fleet/+/engine"]
     finally:
         broker.stop()
