@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -188,12 +189,20 @@ class MqttSensor(SensorActor):
     #: loop spinning, and each spin backs off the actor's own transmits (measured: 0.5-4 s
     #: until the journal had a batch). The pause lets the loop wait for acks and replies.
     BACKLOG_PAUSE_S = 0.003
+    #: Group commit: the open batch closes at once while fewer batches than this wait for the
+    #: journal; otherwise it grows until one is acknowledged (fewer, larger commits under
+    #: load, at once when quiet).
+    COMMITS_AHEAD = 1
     #: Deliveries taken from the session at once.
     READ_AT_ONCE = 200
     #: Seconds between asks for the source marks while the journal has not answered.
     MARKS_RETRY_S = 1.0
 
     def open_source(self) -> None:
+        # paho's thread parses while this one runs Thespian's loop: hand the GIL over after
+        # 0.5 ms rather than Python's 5 ms, or each of the loop's steps (a transmit to the
+        # journal, an acknowledgement) may wait that long (measured with `fleetgw bench mqtt`).
+        sys.setswitchinterval(0.0005)
         #: Built once the journal answered with the marks (they say what the broker's
         #: session is subscribed to).
         self.session: MqttSession | None = None
@@ -220,6 +229,9 @@ class MqttSensor(SensorActor):
                 self.settings.mqtt,
                 held_filters=None if subscribed is None else tuple(json.loads(subscribed)))
             self.messages = MqttMessages(self.settings.mqtt.source, s.id, s.device_id, marks)
+            # Decoding runs in paho's thread (it sends nothing): the actor's own thread stays
+            # free for Thespian's loop, whose transmits to the journal back off when it is busy.
+            self.session.handler = self.messages.handle
             self.session.step()
 
     def produce(self) -> None:
@@ -244,16 +256,14 @@ class MqttSensor(SensorActor):
                 self.backlogged = True  # more may wait: continue after a pause
                 self.start_timer("backlog", self.BACKLOG_PAUSE_S)
                 break
-            deliveries = self.session.read(self.READ_AT_ONCE)
-            if not deliveries:
+            handled = self.session.read(self.READ_AT_ONCE)
+            if not handled:
                 break
-            for d in deliveries:
-                readings, quarantined, marks, receipt = self.messages.handle(d)
+            for readings, quarantined, marks, receipt in handled:
                 self.outbox.add_delivery(readings, quarantined=quarantined, marks=marks,
                                          receipt=receipt)
-        # Group commit: close the open batch at once when the journal has nothing of ours
-        # to commit; otherwise it grows until the acknowledgement comes back.
-        if self.outbox.has_open() and self.outbox.unacknowledged_batches() == 0:
+        # Group commit (see COMMITS_AHEAD).
+        if self.outbox.has_open() and self.outbox.unacknowledged_batches() < self.COMMITS_AHEAD:
             self.outbox.flush()
         self.send_due()
         self.ack_committed()
@@ -272,7 +282,7 @@ class MqttSensor(SensorActor):
         super().receiveMsg_Appended(msg, sender)
         assert self.outbox is not None
         self.ack_committed()
-        if self.outbox.has_open() and self.outbox.unacknowledged_batches() == 0:
+        if self.outbox.has_open() and self.outbox.unacknowledged_batches() < self.COMMITS_AHEAD:
             self.outbox.flush()
             self.send_due()
 

@@ -53,7 +53,7 @@ DISCONNECTED, CONNECTING, CONNECTED = "disconnected", "connecting", "connected"
 #: The source mark holding the filters the broker's session holds for the sensor (JSON list).
 SUBSCRIPTIONS_MARK = "mqtt:subscriptions"
 #: Bytes read from the socket at once.
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 16 * 1024
 #: QoS 0 deliveries queued for the actor at most (more are dropped and counted).
 MAX_QUEUED_QOS0 = 50_000
 #: Seconds `MqttSession.close` waits for paho's thread.
@@ -277,17 +277,19 @@ class _Client(paho.Client):
     def loop_read(self, max_packets: int = 1) -> Any:
         if self._sock is None:
             return paho.MQTT_ERR_NO_CONN
-        # Until the socket would block: stopping with packets left in the buffer would leave
-        # paho's select waiting on a socket with nothing new. (A flood cannot hold the thread
-        # here: without our PUBACKs the broker stops at its in-flight limit.)
-        while True:
-            rc = self._packet_read()
-            if rc == paho.MQTT_ERR_AGAIN:
-                return paho.MQTT_ERR_SUCCESS
-            if rc > 0:
-                return self._loop_rc_handle(rc)
+        # One read of the socket, then every whole packet it brought; what is left of a packet
+        # waits for the next readable event (the buffer never holds a whole unread packet when
+        # this returns, so paho's select cannot sleep on data we already have).
+        rc = self._packet_read()
+        while rc == paho.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf):
             if self._sock is None:
                 return paho.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+        if rc == paho.MQTT_ERR_AGAIN:
+            return paho.MQTT_ERR_SUCCESS
+        if rc > 0:
+            return self._loop_rc_handle(rc)
+        return paho.MQTT_ERR_SUCCESS
 
     def _handle_on_message(self, message: Any) -> None:
         on_message = self.on_message
@@ -328,7 +330,11 @@ class MqttSession:
         self.problem = ""
         self.session_present: bool | None = None
         self._client: _Client | None = None
-        self._inbox: deque[Delivery] = deque()
+        self._inbox: deque[Any] = deque()
+        #: Called in paho's thread on each delivery; `read` then returns what it returned
+        #: (the sensor passes `MqttMessages.handle`: decoding off the actor's thread). None:
+        #: `read` returns the deliveries.
+        self.handler: Callable[[Delivery], Any] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -423,8 +429,9 @@ class MqttSession:
         self._client = client
         client.loop_start()
 
-    def read(self, max_messages: int) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, oldest first; never blocks."""
+    def read(self, max_messages: int) -> list[Any]:
+        """Up to ``max_messages`` deliveries (or what ``handler`` made of them), oldest first;
+        never blocks."""
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
@@ -550,20 +557,22 @@ class MqttSession:
                 self.problem = (f"broker {self.host}:{self.port} closed the connection before "
                                 f"its CONNACK ({reason}){hint}")
             self.state = DISCONNECTED
-            # Deliveries of the lost connection not read yet: the broker redelivers them.
-            self._inbox.clear()
+            # Deliveries of the lost connection not read yet stay: they are journaled, their
+            # receipts are stale, and the broker's redeliveries of them are recognised.
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         d = Delivery(message.mid, message.qos, bool(message.dup), bool(message.retain),
                      bytes(message._topic), bytes(message.payload), self._clock_ns(),
                      self.session)
-        with self._lock:
-            if d.qos == 0 and len(self._inbox) >= MAX_QUEUED_QOS0:
+        if d.qos == 0 and len(self._inbox) >= MAX_QUEUED_QOS0:
+            with self._lock:
                 # QoS 0 has no flow control: past the bound, drop (counted) rather than grow.
                 # QoS 1 is bounded by the broker's in-flight limit: it waits for our PUBACKs.
                 self.counts["qos0_dropped"] += 1
-                return
-            self._inbox.append(d)
+            return
+        item = d if self.handler is None else self.handler(d)
+        with self._lock:
+            self._inbox.append(item)
             if not self._signalled:
                 self._signalled = True
                 self._wake()

@@ -447,7 +447,6 @@ def test_broker_restart_is_noticed_backed_off_and_recovered_with_the_unacknowled
     assert session.state == DISCONNECTED
     figures = session.figures()
     assert (figures["mqtt_disconnects"], figures["mqtt_connects"]) == (1, 1)
-    assert figures["mqtt_pending"] == 0  # what the lost connection delivered is dropped
     assert figures["mqtt_problem"].startswith(f"cannot connect to {where}: ")
     lost = next(p for p in problems if p)
     assert lost.startswith(f"connection to {where} lost ("), lost
