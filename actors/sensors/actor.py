@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from collections import deque
 from typing import Any
@@ -199,10 +198,6 @@ class MqttSensor(SensorActor):
     MARKS_RETRY_S = 1.0
 
     def open_source(self) -> None:
-        # paho's thread parses while this one runs Thespian's loop: hand the GIL over after
-        # 0.5 ms rather than Python's 5 ms, or each of the loop's steps (a transmit to the
-        # journal, an acknowledgement) may wait that long (measured with `fleetgw bench mqtt`).
-        sys.setswitchinterval(0.0005)
         #: Built once the journal answered with the marks (they say what the broker's
         #: session is subscribed to).
         self.session: MqttSession | None = None
