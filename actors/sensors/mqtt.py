@@ -291,6 +291,43 @@ class _Client(paho.Client):
             return self._loop_rc_handle(rc)
         return paho.MQTT_ERR_SUCCESS
 
+    #: Set by the session: called with (mid, qos, dup, retain, topic, payload) for each QoS 0/1
+    #: PUBLISH, parsed here without paho's per-message objects (MQTTMessage, Properties).
+    on_publish_fast: Callable[[int, int, bool, bool, bytes, bytes], None] | None = None
+
+    def _handle_publish(self) -> Any:
+        fast = self.on_publish_fast
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if fast is None or qos > 1:
+            return super()._handle_publish()
+        packet = self._in_packet["packet"]
+        try:
+            end = 2 + int.from_bytes(packet[0:2], "big")
+            topic = bytes(packet[2:end])
+            mid = 0
+            if qos:
+                mid = int.from_bytes(packet[end:end + 2], "big")
+                end += 2
+            if self._protocol == paho.MQTTv5:
+                length, shift = 0, 0
+                while True:  # the properties' length: a variable byte integer
+                    byte = packet[end]
+                    end += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                end += length
+            if not topic or end > len(packet) or (qos and mid == 0):
+                raise IndexError("malformed")
+        except IndexError:
+            if not topic:  # e.g. an MQTT 5 topic alias: paho's own path handles it
+                return super()._handle_publish()
+            return paho.MQTT_ERR_PROTOCOL
+        fast(mid, qos, bool(header & 0x08), bool(header & 0x01), topic, bytes(packet[end:]))
+        return paho.MQTT_ERR_SUCCESS
+
     def _handle_on_message(self, message: Any) -> None:
         on_message = self.on_message
         if on_message is not None:
@@ -379,6 +416,7 @@ class MqttSession:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish_fast = self._on_publish
         return client
 
     # ---- driving (actor thread) -------------------------------------------------------------
@@ -561,9 +599,12 @@ class MqttSession:
             # receipts are stale, and the broker's redeliveries of them are recognised.
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        d = Delivery(message.mid, message.qos, bool(message.dup), bool(message.retain),
-                     bytes(message._topic), bytes(message.payload), self._clock_ns(),
-                     self.session)
+        self._on_publish(message.mid, message.qos, bool(message.dup), bool(message.retain),
+                         bytes(message._topic), bytes(message.payload))
+
+    def _on_publish(self, mid: int, qos: int, dup: bool, retain: bool, topic: bytes,
+                    payload: bytes) -> None:
+        d = Delivery(mid, qos, dup, retain, topic, payload, self._clock_ns(), self.session)
         if d.qos == 0 and len(self._inbox) >= MAX_QUEUED_QOS0:
             with self._lock:
                 # QoS 0 has no flow control: past the bound, drop (counted) rather than grow.

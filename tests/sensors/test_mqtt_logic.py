@@ -223,3 +223,35 @@ def test_fuzzed_deliveries_never_raise_and_good_data_still_flows(
     good = json.dumps({"v": 1.5}).encode()
     [r], [], _m, _rc = m.handle(delivery("veh-1/x", good, mid=(mid % 65535) + 1))
     assert r.values["v"] == 1.5 and r.device_id == "veh-1"
+
+
+def _publish_packet(topic: bytes, payload: bytes, mid: int, qos: int, v5: bool,
+                    props: bytes = b"") -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic
+    if qos:
+        body += mid.to_bytes(2, "big")
+    if v5:
+        body += bytes([len(props)]) + props
+    return body + payload
+
+
+@pytest.mark.parametrize("v5", [True, False])
+def test_the_fast_publish_parser_matches_the_packet(v5: bool) -> None:
+    import paho.mqtt.client as paho
+
+    from actors.sensors.mqtt import _Client
+
+    client = _Client(paho.CallbackAPIVersion.VERSION2, client_id="t",
+                     protocol=paho.MQTTv5 if v5 else paho.MQTTv311, manual_ack=True)
+    got = []
+    client.on_publish_fast = lambda *args: got.append(args)
+    props = b"\x01\x01" if v5 else b""  # payload format indicator = 1
+    client._in_packet = {"command": 0x30 | 0x08 | (1 << 1) | 0x01,
+                         "packet": bytearray(_publish_packet(b"a/b", b'{"v": 1}', 42, 1, v5,
+                                                             props))}
+    assert client._handle_publish() == paho.MQTT_ERR_SUCCESS
+    assert got == [(42, 1, True, True, b"a/b", b'{"v": 1}')]
+    client._in_packet = {"command": 0x30 | (1 << 1),
+                         "packet": bytearray(b"\x00\x09a/b")}  # topic longer than the packet
+    assert client._handle_publish() == paho.MQTT_ERR_PROTOCOL
+    assert len(got) == 1
