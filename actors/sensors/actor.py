@@ -177,16 +177,17 @@ class SimSensor(SensorActor):
 
 class MqttSensor(SensorActor):
     """Subscriptions on an MQTT broker in a persistent QoS 1 session. A delivery's PUBACK goes
-    out only after the journal committed it (with its redelivery mark); the socket is served
-    from the actor's own thread through a Thespian watch."""
+    out only after the journal committed it (with its redelivery mark). paho's thread reads
+    and decodes; this actor watches the session's wake-up socket, batches what was decoded and
+    talks to the journal (no thread ever sends an actor message)."""
 
     #: Seconds of reading per turn at most: the journal's `Appended` (and with it the
     #: PUBACKs that let the broker send more) waits for the turn to end.
     TURN_S = 0.01
-    #: After a turn that left messages waiting, the next turn comes after this pause rather
-    #: than through the socket watch: a watch that is always ready keeps Thespian's select
-    #: loop spinning, and each spin backs off the actor's own transmits (measured: 0.5-4 s
-    #: until the journal had a batch). The pause lets the loop wait for acks and replies.
+    #: After a turn that left deliveries waiting, the next turn comes after this pause rather
+    #: than through the watch: a watch that is always ready keeps Thespian's select loop
+    #: spinning, and each spin backs off the actor's own transmits (measured: 0.5-4 s until
+    #: the journal had a batch). The pause lets the loop wait for acks and replies.
     BACKLOG_PAUSE_S = 0.003
     #: Group commit: the open batch closes at once while fewer batches than this wait for the
     #: journal; otherwise it grows until one is acknowledged (fewer, larger commits under
@@ -289,7 +290,7 @@ class MqttSensor(SensorActor):
     def watched_fds(self) -> list[int]:
         if self.messages is None or self.outbox is None or not self.outbox.has_room() \
                 or self.backlogged:
-            return []  # a full outbox holds the source: the broker keeps the messages
+            return []  # a full outbox holds the source: no PUBACKs, so the broker holds back
         fd = self.session.fileno()
         return [fd] if fd is not None else []
 
