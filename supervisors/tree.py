@@ -2,8 +2,9 @@
 
     gateway (root, one_for_one)
     ├── journal        JournalWriter — the only writer of journal.db
+    ├── broker         BrokerActor — the gateway's own mosquitto (only with [broker] enabled)
     ├── sensors        Supervisor(one_for_one)
-    │     └── sensor:<id>  SimSensor (one per configured sensor)
+    │     └── sensor:<id>  SimSensor | MqttSensor | CanSensor | NmeaSensor (one per sensor)
     └── processing     Supervisor(one_for_one)
           ├── router   RouterActor — puts every record in a lane (policy engine)
           └── model    ModelRunnerActor — safety rules + OpenVINO inference of device windows
