@@ -74,6 +74,17 @@ def kill(pid: int, started: float | None = None) -> bool:
     return True
 
 
+def describe_exit_status(code: int) -> str:
+    """A process's exit status for operators: ``exit status 1``, ``killed by SIGKILL``
+    (multiprocessing and subprocess give a signal as a negative code)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
 def pid_of_new_child(actor: Any, address: Any) -> int | None:
     """The pid of a child the actor just created (Thespian starts it synchronously and keeps
     its multiprocessing.Process); None if this Thespian does not expose it."""

@@ -49,20 +49,13 @@ EXIT_NOTICE_GRACE_S = 1.0
 
 def describe_exit(code: int | None) -> str:
     """Readable exit reason from a multiprocessing exit code."""
-    import signal
-
     if code is None:
         return "exited"
     if code == EXIT_CRASH:
         return "crashed (exception)"
     if code == EXIT_ESCALATE:
         return "gave up (restart intensity exceeded)"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
+    return reaper.describe_exit_status(code)
 
 
 class Supervisor(SupervisedActor):

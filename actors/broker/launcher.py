@@ -39,6 +39,7 @@ from collections.abc import Callable
 import psutil
 
 from config.broker import BrokerSettings
+from supervisors.reaper import describe_exit_status
 
 CONF_NAME = "mosquitto.conf"
 DB_NAME = "mosquitto.db"
@@ -103,16 +104,6 @@ def find_binary(name: str) -> str:
     return found
 
 
-def describe_exit(code: int) -> str:
-    """A child's exit status for operators: ``exit status 1``, ``killed by SIGKILL``."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
 @functools.cache
 def _prctl() -> Callable[..., int]:
     return ctypes.CDLL(None, use_errno=True).prctl
@@ -147,7 +138,7 @@ class MosquittoLauncher:
         self.process: subprocess.Popen | None = None
         #: Launches after an exit or a failed start.
         self.restarts = 0
-        #: How the last broker ended (`describe_exit`); empty before the first exit.
+        #: How the last broker ended (`describe_exit_status`); empty before the first exit.
         self.last_exit = ""
         #: What is wrong now (empty: nothing); cleared when a broker listens again.
         self.problem = ""
@@ -272,7 +263,7 @@ class MosquittoLauncher:
                 process.kill()
                 process.wait()
         code = process.returncode
-        self.last_exit = describe_exit(code)
+        self.last_exit = describe_exit_status(code)
         self._remove_pid_file()
         return clean and code == 0
 
@@ -371,7 +362,7 @@ class MosquittoLauncher:
             fh.write(f"{self.process.pid}\n")
 
     def _exited(self, code: int, now: float) -> None:
-        self.last_exit = describe_exit(code)
+        self.last_exit = describe_exit_status(code)
         self.process = None
         self._ready_at = None
         self._remove_pid_file()

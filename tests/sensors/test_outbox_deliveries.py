@@ -23,21 +23,11 @@ from messages.journal import (
     SourceMark,
 )
 from messages.readings import Reading
+from tests.sensors.test_outbox import FakeClock
 
 SENSOR = "mqtt0"
 INCARNATION = 5
 T0_NS = 1_700_000_000 * 10**9
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Deliveries:
