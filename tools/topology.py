@@ -2,8 +2,9 @@
 
 Where this sits: outside the gateway. It attaches to the running actor system on the admin port
 (never starting or shutting one down), asks the gateway root for the supervision tree, and
-prints it — as text, as JSON (`--json`), as Graphviz (`--dot`), or refreshed with changes marked
-(`--watch`).
+prints it — as text, as JSON (`--json`), as Graphviz (`--dot`, labels with restarts and backlog
+figures), or refreshed with the change since the last refresh beside restarts, backlog figures
+and the totals line (`--watch`: ``restarts 3(+1)``, ``backlog=120(+30)``).
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ from supervisors import system
 
 _ids = itertools.count(1)
 
-#: Figures shown in the text view, per kind of actor (all go to --json).
+#: Figures shown in the text view, per kind of actor (all go to --json), and any figure whose
+#: name starts with "backlog_".
 TEXT_FIGURES = (
     "records", "appended", "commits_per_s", "last_commit_age_s", "refused",
-    "readings_added", "acked_readings", "unacked_batches", "unacked_bytes", "held",
+    "readings_added", "acked_readings", "unacked_batches", "unacked_bytes", "held", "pending",
     "ack_ms_p99", "routed", "backlog", "aggregates", "children", "strategy",
 )
+#: Figures that show work piling up: the watch view gives their change since the last refresh,
+#: and the Graphviz labels carry them. So do figures named "backlog_*".
+BACKLOG_FIGURES = ("backlog", "pending", "unacked_batches", "unacked_bytes", "held")
+
+
+def is_backlog_figure(name: str) -> bool:
+    return name in BACKLOG_FIGURES or name.startswith("backlog_")
 
 
 class InspectorError(RuntimeError):
@@ -72,56 +81,122 @@ def _fmt_uptime(seconds: float | None) -> str:
 
 
 def render_text(root: ActorNode, previous: ActorNode | None = None) -> str:
-    """The tree as indented text; with ``previous``, changed restart counts and states are
-    marked with ``*``."""
-    before = {n.name: n for n in _walk(previous)} if previous else {}
-    lines = [f"{'NAME':34} {'CLASS':12} {'PID':>7} {'STATE':11} {'RESTARTS':>8} "
+    """The tree as indented text under a line of totals. With ``previous`` (the last refresh),
+    rows whose restart count or state changed are marked ``*``, and restarts, backlog figures
+    and the totals carry their change: ``3(+1)``, ``backlog=120(+30)``."""
+    before = _by_path(previous)
+    lines = [render_totals(root, previous),
+             f"{'NAME':34} {'CLASS':13} {'PID':>7} {'STATE':11} {'RESTARTS':>8} "
              f"{'UPTIME':>7}  FIGURES / LAST EXIT"]
 
-    def visit(node: ActorNode, prefix: str, last: bool, depth: int) -> None:
-        branch = "" if depth == 0 else ("└─ " if last else "├─ ")
-        old = before.get(node.name)
+    def visit(node: ActorNode, path: tuple[str, ...], prefix: str, last: bool) -> None:
+        branch = "" if len(path) == 1 else ("└─ " if last else "├─ ")
+        old = before.get(path)
         mark = "*" if old is not None and (old.restarts != node.restarts
                                            or old.state != node.state) else " "
-        figures = dict(node.figures)
-        shown = " ".join(f"{k}={figures[k]}" for k in TEXT_FIGURES
-                         if k in figures and figures[k] is not None)
+        old_restarts, old_figures = (None, {}) if old is None else (old.restarts,
+                                                                     dict(old.figures))
+        restarts = f"{node.restarts}{_change(node.restarts, old_restarts)}"
+        shown = " ".join(
+            f"{k}={v}{_change(v, old_figures.get(k)) if is_backlog_figure(k) else ''}"
+            for k, v in _text_figures(node))
         if node.last_exit:
             shown = f"{shown}  last_exit: {node.last_exit}".strip()
         name = f"{prefix}{branch}{node.name}"
         lines.append(
-            f"{mark}{name:33} {node.cls:12} {node.pid or '-':>7} {node.state:11} "
-            f"{node.restarts:>8} {_fmt_uptime(node.uptime_s):>7}  {shown}"
+            f"{mark}{name:33} {node.cls:13} {node.pid or '-':>7} {node.state:11} "
+            f"{restarts:>8} {_fmt_uptime(node.uptime_s):>7}  {shown}"
         )
-        child_prefix = prefix + ("" if depth == 0 else ("   " if last else "│  "))
+        child_prefix = prefix + ("" if len(path) == 1 else ("   " if last else "│  "))
         for i, child in enumerate(node.children):
-            visit(child, child_prefix, i == len(node.children) - 1, depth + 1)
+            visit(child, (*path, child.name), child_prefix, i == len(node.children) - 1)
 
-    visit(root, "", True, 0)
+    visit(root, (root.name,), "", True)
     return "\n".join(lines)
 
 
+def render_totals(root: ActorNode, previous: ActorNode | None = None) -> str:
+    """One line over the whole tree: actors running, restarts in total and the journal's
+    records and commits/s where it reports them; with ``previous``, the changes since."""
+    nodes, old_nodes = list(_walk(root)), list(_walk(previous))
+    running = sum(node.state == "running" for node in nodes)
+    restarts = sum(node.restarts for node in nodes)
+    old_restarts = sum(node.restarts for node in old_nodes) if previous else None
+    parts = [f"actors {running}/{len(nodes)} running",
+             f"restarts total {restarts}{_change(restarts, old_restarts)}"]
+    journal = _by_path(root).get((root.name, "journal"))
+    if journal is not None:
+        figures = dict(journal.figures)
+        old = _by_path(previous).get((root.name, "journal"))
+        if figures.get("records") is not None:
+            old_records = dict(old.figures).get("records") if old is not None else None
+            parts.append(f"journal records {figures['records']}"
+                         f"{_change(figures['records'], old_records)}")
+        if figures.get("commits_per_s") is not None:
+            parts.append(f"commits/s {figures['commits_per_s']}")
+    return "  ".join(parts)
+
+
 def render_dot(root: ActorNode) -> str:
-    """The tree as a Graphviz digraph."""
+    """The tree as a Graphviz digraph; each label carries the restarts and backlog figures."""
     colors = {"running": "palegreen", "starting": "lightyellow", "restarting": "orange",
               "backing_off": "orange", "stopping": "lightgrey", "dead": "salmon"}
     out = ["digraph fleetgw {", '  node [shape=box, style="rounded,filled", fontname="monospace"];']
 
-    def node_id(node: ActorNode) -> str:
-        return json.dumps(node.name)
-
     def visit(node: ActorNode) -> None:
-        label = f"{node.name}\\n{node.cls} pid {node.pid or '-'}\\n{node.state}, " \
-                f"{node.restarts} restarts"
-        out.append(f'  {node_id(node)} [label="{label}", '
-                   f'fillcolor={colors.get(node.state, "white")}];')
+        node_id = _dot_string(node.name)  # fleetgw names no two actors alike
+        label = [node.name, f"{node.cls} pid {node.pid or '-'}",
+                 f"{node.state}, restarts {node.restarts}"]
+        backlog = [f"{k}={v}" for k, v in node.figures if is_backlog_figure(k) and v is not None]
+        if backlog:
+            label.append(" ".join(backlog))
+        out.append(f"  {node_id} [label={_dot_string(*label)}, "
+                   f"fillcolor={colors.get(node.state, 'white')}];")
         for child in node.children:
-            out.append(f"  {node_id(node)} -> {node_id(child)};")
+            out.append(f"  {node_id} -> {_dot_string(child.name)};")
             visit(child)
 
     visit(root)
     out.append("}")
     return "\n".join(out)
+
+
+def _dot_string(*lines: str) -> str:
+    """A double-quoted Graphviz string of ``lines`` (quotes and backslashes escaped)."""
+    escaped = (" ".join(line.splitlines()).replace("\\", "\\\\").replace('"', '\\"')
+               for line in lines)
+    return '"' + "\\n".join(escaped) + '"'
+
+
+def _text_figures(node: ActorNode):
+    figures = dict(node.figures)
+    shown = [k for k in TEXT_FIGURES if k in figures]
+    shown += [k for k in figures if k.startswith("backlog_")]
+    return [(k, figures[k]) for k in shown if figures[k] is not None]
+
+
+def _change(new: Any, old: Any) -> str:
+    """``(+30)`` / ``(-2)`` when a number changed; empty when it did not or is not a number."""
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (new, old)):
+        return ""
+    delta = new - old
+    if delta == 0:
+        return ""
+    return f"({delta:+d})" if isinstance(delta, int) else f"({round(delta, 3):+g})"
+
+
+def _by_path(root: ActorNode | None) -> dict[tuple[str, ...], ActorNode]:
+    """Every node by its path of names from the root (an actor that moved is a new one)."""
+    found: dict[tuple[str, ...], ActorNode] = {}
+
+    def visit(node: ActorNode, path: tuple[str, ...]) -> None:
+        found[path] = node
+        for child in node.children:
+            visit(child, (*path, child.name))
+
+    if root is not None:
+        visit(root, (root.name,))
+    return found
 
 
 def _walk(node: ActorNode | None):
@@ -162,8 +237,8 @@ def topology_command(admin_port: int, as_json: bool, dot: bool, watch: bool,
             print(render_dot(tree), flush=True)
         else:
             if watch:
-                print(f"\x1b[2J\x1b[H{time.strftime('%H:%M:%S')}  (* = changed since last "
-                      f"refresh; Ctrl-C to quit)")
+                print(f"\x1b[2J\x1b[H{time.strftime('%H:%M:%S')}  (* = restarts or state "
+                      f"changed, (+n) = change since the last refresh; Ctrl-C to quit)")
             print(render_text(tree, previous), flush=True)
         shown += 1
         if not watch or (count is not None and shown >= count):
