@@ -9,6 +9,7 @@ logged. Errors read like the gateway's: ``central.toml: receiver.port must be ..
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ DEFAULT_PORT = 18443
 DEFAULT_MAX_BODY_BYTES = 16 << 20
 DEFAULT_DEVICES_DIR = "devices"
 DEFAULT_CHDB_PATH = "central.chdb"
+#: A stored row whose event time is this far behind its ingest time counts as late, seconds.
+DEFAULT_LATE_AFTER_S = 300.0
 BACKEND_KINDS = ("chdb", "http")
 PATH_FIELDS = {"receiver": ("tls_cert", "tls_key", "tls_client_ca", "devices_dir"),
                "backend": ("path",), "models": ("directory",)}
@@ -33,6 +36,11 @@ PATH_FIELDS = {"receiver": ("tls_cert", "tls_key", "tls_client_ca", "devices_dir
 def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
     if isinstance(value, bool) or value <= 0:
         raise FieldProblem(attr.name, f"must be > 0 (got {value!r})")
+
+
+def _seconds(inst: Any, attr: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise FieldProblem(attr.name, f"must be a finite number of seconds > 0 (got {value!r})")
 
 
 def _port(inst: Any, attr: attrs.Attribute, value: int) -> None:
@@ -61,6 +69,9 @@ class ReceiverSettings:
     tls_client_ca: str = ""
     #: Directory of ``<device_id>.pub`` public keys (see central.devices).
     devices_dir: str = DEFAULT_DEVICES_DIR
+    #: Seconds: a stored row whose event time is more than this behind the time the receiver
+    #: got it counts in ``fleetgw_receiver_late_rows_total`` (``GET /metrics``).
+    late_after_s: float = attrs.field(default=DEFAULT_LATE_AFTER_S, validator=_seconds)
 
     def __attrs_post_init__(self) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key,

@@ -13,13 +13,17 @@ replies ``{"status": "refused", "reason"}``; success replies ``{"status": "ok"|"
 (as far as this receiver knows).
 A batch identity already stored with another body is 409 (never retry); storage failing is
 503 and a receiver-side defect 500 (both: retry later). ``GET /v1/health`` answers 200.
+Every outcome is counted in the receiver's `central.metrics.ReceiverMetrics` (a refusal under
+one of its fixed `REFUSALS` codes, also logged as ``refusal=``); ``GET /metrics`` serves them
+in the Prometheus text format.
 With a model store (`central.model_store`), ``GET /v1/models`` is its catalog and ``GET
 /v1/models/<version>/<file>`` a file, with its sha256 as ETag and one ``Range`` (206/416) for
 resumed downloads; without one, both are 404.
 
 `ReceiverServer` is the HTTP shell: a ThreadingHTTPServer on loopback unless configured (I9),
 HTTPS with required client certificates when TLS is configured (the handshake runs in the
-request's thread, so a slow client holds up no one), the Content-Length limit checked before
+request's thread, so a slow client holds up no one; a Prometheus scraper of ``/metrics`` then
+needs a fleet client certificate too), the Content-Length limit checked before
 the body is read (or, with ``Expect: 100-continue``, before it is sent), one logfmt line per
 request, never any key material.
 """
@@ -53,14 +57,20 @@ from actors.uplink.envelope import (
 )
 from actors.uplink.model_update import MODELS_PATH
 from actors.uplink.wire import WireError, WireRecord, decode
-from central.backend import Backend, BackendError, BatchConflict
+from central.backend import DUPLICATE, Backend, BackendError, BatchConflict
 from central.config import ReceiverSettings
 from central.devices import DeviceKeyError, DeviceRegistry
+from central.metrics import CONTENT_TYPE, ReceiverMetrics
 from central.model_store import ModelStore, ModelStoreError, StoredFile, byte_range
 from central.schema import table_for_kind
 from messages.readings import IDENT_RE
 
 HEALTH_PATH = "/v1/health"
+METRICS_PATH = "/metrics"
+#: Refusal codes (`central.metrics.REFUSALS`) that an HTTP status of `BatchRejected` implies;
+#: a 400 is a bad header or a bad body, depending on the step that refused.
+REFUSAL_BY_STATUS = {401: "bad_signature", 403: "unknown_device", 413: "too_large",
+                     415: "unsupported_encoding"}
 #: Seconds a client may take for the TLS handshake, and then per read of its request.
 HANDSHAKE_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 30.0
@@ -76,9 +86,11 @@ class Reply:
     log: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod
-    def refused(cls, status: int, reason: str, **log: Any) -> Reply:
+    def refused(cls, status: int, reason: str, refusal: str = "", **log: Any) -> Reply:
+        """``refusal``: the batch refusal's code (`central.metrics.REFUSALS`), for the log."""
         return cls(status, {"status": "refused", "reason": reason},
-                   {"result": "refused", "reason": reason, **log})
+                   {"result": "refused", **({"refusal": refusal} if refusal else {}),
+                    "reason": reason, **log})
 
 
 def _check_ids(header: BatchHeader) -> None:
@@ -117,12 +129,15 @@ def route(records: Sequence[WireRecord]) -> dict[str, list[WireRecord]]:
 
 
 class Receiver:
-    """The receiver's logic, without HTTP: one batch in, one `Reply` out."""
+    """The receiver's logic, without HTTP: one batch in, one `Reply` out, its outcome counted
+    in ``metrics`` (None: a `ReceiverMetrics` with the default late_after_s)."""
 
-    def __init__(self, backend: Backend, registry: DeviceRegistry, max_raw_bytes: int) -> None:
+    def __init__(self, backend: Backend, registry: DeviceRegistry, max_raw_bytes: int,
+                 metrics: ReceiverMetrics | None = None) -> None:
         self.backend = backend
         self.registry = registry
         self.max_raw_bytes = max_raw_bytes
+        self.metrics = ReceiverMetrics() if metrics is None else metrics
         self._marks: dict[tuple[str, str, str], int] = {}
         self._marks_lock = threading.Lock()
 
@@ -140,19 +155,27 @@ class Receiver:
             self._marks[key] = max(known, header.seq_hi, self._marks.get(key, 0))
             return self._marks[key]
 
+    def refuse(self, status: int, reason: str, refusal: str, **log: Any) -> Reply:
+        """A refused batch, counted under ``refusal`` (a `central.metrics.REFUSALS` code)."""
+        self.metrics.refused(refusal)
+        return Reply.refused(status, reason, refusal, **log)
+
     def accept(self, header_b64: str | None, signature_hex: str | None, body: bytes) -> Reply:
         try:
             header, header_bytes = read_header(header_b64)
         except BatchRejected as exc:
-            return Reply.refused(exc.status, exc.reason)
+            return self.refuse(exc.status, exc.reason,
+                               REFUSAL_BY_STATUS.get(exc.status, "bad_header"))
         where = {"device": header.device_id, "generation": header.generation,
                  "lane": header.lane, "seq": f"{header.seq_lo}-{header.seq_hi}"}
+        bad_request = "bad_header"  # what a 400 refuses, up to the step that is checking
         try:
             _check_ids(header)
             key = self.registry.key(header.device_id)
             if key is None:
                 raise BatchRejected(403, f"unknown device {header.device_id!r} (not "
                                          "registered with this receiver)")
+            bad_request = "bad_body"
             raw = open_batch(header, header_bytes, signature_hex, body, key, self.max_raw_bytes)
             try:
                 device_id, records = decode(raw)
@@ -161,22 +184,28 @@ class Receiver:
                                          f"encoding: {exc}") from None
             _check_records(header, device_id, records)
             signature = bytes.fromhex(signature_hex or "").hex()  # verified: canonical hex
-            result = self.backend.insert_batch(header, signature, route(records),
-                                               dt.datetime.now(dt.UTC))
+            tables = route(records)
+            received_at = dt.datetime.now(dt.UTC)
+            result = self.backend.insert_batch(header, signature, tables, received_at)
             watermark = self._watermark(header)
         except BatchRejected as exc:
-            return Reply.refused(exc.status, exc.reason, **where)
+            return self.refuse(exc.status, exc.reason,
+                               REFUSAL_BY_STATUS.get(exc.status, bad_request), **where)
         except DeviceKeyError as exc:
             LOG.error("%s", logfmt({"event": "device-key-unusable", "error": exc,
                                     "hint": "fix the key file, or register the device again"}))
-            return Reply.refused(500, f"device {header.device_id!r} has an unusable key on "
-                                      "this receiver (its operator is told); retry later",
-                                 **where)
+            return self.refuse(500, f"device {header.device_id!r} has an unusable key on "
+                                    "this receiver (its operator is told); retry later",
+                               "device_key", **where)
         except BatchConflict as exc:
-            return Reply.refused(409, str(exc), **where)
+            return self.refuse(409, str(exc), "conflict", **where)
         except BackendError as exc:
             LOG.error("%s", logfmt({"event": "storage-failed", **where, "error": exc}))
-            return Reply.refused(503, "storage unavailable; retry later", **where)
+            return self.refuse(503, "storage unavailable; retry later", "storage", **where)
+        if result == DUPLICATE:
+            self.metrics.duplicate(header.device_id, header.lane, len(records), len(body))
+        else:
+            self.metrics.stored(header.device_id, header.lane, tables, len(body), received_at)
         return Reply(200, {"status": result, "device_id": header.device_id,
                            "lane": header.lane, "acked_seq_hi": header.seq_hi,
                            "watermark": watermark},
@@ -237,14 +266,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _length_refusal(self) -> Reply | None:
         """A refusal when the body's announced length is missing, malformed or too large."""
+        receiver = self.server.receiver
         if self.headers.get("Transfer-Encoding"):
-            return Reply.refused(411, "send the batch with a Content-Length, not chunked")
+            return receiver.refuse(411, "send the batch with a Content-Length, not chunked",
+                                   "length_required")
         text = self.headers.get("Content-Length")
         if text is None or not text.isdigit():
-            return Reply.refused(411, f"Content-Length missing or malformed ({text!r})")
+            return receiver.refuse(411, f"Content-Length missing or malformed ({text!r})",
+                                   "length_required")
         limit = self.server.settings.max_body_bytes
         if int(text) > limit:
-            return Reply.refused(413, f"body of {text} bytes exceeds the limit of {limit}")
+            return receiver.refuse(413, f"body of {text} bytes exceeds the limit of {limit}",
+                                   "too_large")
         return None
 
     def handle_expect_100(self) -> bool:
@@ -274,18 +307,31 @@ class _Handler(BaseHTTPRequestHandler):
                                                 self.headers.get(SIGNATURE), body)
         except Exception as exc:  # a defect: answer (retryable) and say where, keep serving
             LOG.exception("%s", logfmt({"event": "internal-error", "error": repr(exc)}))
-            reply = Reply.refused(500, "internal error in the receiver; retry later")
+            reply = self.server.receiver.refuse(500, "internal error in the receiver; retry "
+                                                     "later", "internal")
         self._reply(reply, started)
 
     def do_GET(self) -> None:
         started = time.perf_counter()
         if self.path == HEALTH_PATH:
             self._reply(Reply(200, {"status": "ok"}), started)
+        elif self.path == METRICS_PATH:
+            self._send_metrics(started)
         elif self.path == MODELS_PATH or self.path.startswith(MODELS_PATH + "/"):
             self._get_model(started)
         else:
-            self._reply(Reply.refused(404, f"no such endpoint (health: {HEALTH_PATH})"),
-                        started)
+            self._reply(Reply.refused(404, f"no such endpoint (health: {HEALTH_PATH}, "
+                                           f"metrics: {METRICS_PATH})"), started)
+
+    def _send_metrics(self, started: float) -> None:
+        """The receiver's metrics, Prometheus text format."""
+        data = self.server.receiver.metrics.exposition()
+        self._log(200, {"result": "ok", "bytes": len(data)}, started)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _get_model(self, started: float) -> None:
         """The catalog, or one file of a version (a single Range honoured)."""
@@ -370,7 +416,9 @@ def server_ssl_context(settings: ReceiverSettings) -> ssl.SSLContext:
 
 class ReceiverServer(ThreadingHTTPServer):
     """The receiver on ``settings.host:port``; `serve_forever` until `shutdown`. ``models``:
-    the model store served at ``GET /v1/models`` (None: none, 404)."""
+    the model store served at ``GET /v1/models`` (None: none, 404). ``GET /metrics``: the
+    receiver's metrics (under TLS, like every request, only for a client certificate of the
+    fleet CA)."""
 
     daemon_threads = True
 

@@ -90,6 +90,7 @@ def serve_command(config_path: str) -> int:
     """Serve until SIGTERM/SIGINT; 0 after an orderly stop."""
     from actors.uplink.envelope import PATH
     from central.devices import DeviceRegistry
+    from central.metrics import ReceiverMetrics
     from central.model_store import ModelStore
     from central.receiver import LOG, Receiver, ReceiverServer, logfmt
 
@@ -102,7 +103,7 @@ def serve_command(config_path: str) -> int:
     try:
         backend.ensure_schema()
         receiver = Receiver(backend, DeviceRegistry(settings.devices_dir),
-                            settings.max_raw_bytes)
+                            settings.max_raw_bytes, ReceiverMetrics(settings.late_after_s))
         models = ModelStore(config.models.directory) if config.models.directory else None
         server = ReceiverServer(settings, receiver, models)
     except BackendError as exc:
