@@ -20,6 +20,7 @@ from config.fields import (
     _port,
     _positive,
 )
+from config.metrics import HEALTH_SENSOR_ID, MetricsSettings
 from config.mqtt import (
     MqttConnection,
     MqttSettings,
@@ -370,6 +371,8 @@ class GatewayConfig:
     mqtt: MqttSettings = MqttSettings()
     #: A local MQTT broker (mosquitto) the gateway runs and supervises; off by default.
     broker: BrokerSettings = BrokerSettings()
+    #: The Prometheus endpoint (loopback) and the gateway's health readings; on by default.
+    metrics: MetricsSettings = MetricsSettings()
 
     @sensors.validator
     def _unique_sensors(self, attr: attrs.Attribute, value: tuple[SensorSettings, ...]) -> None:
@@ -378,6 +381,13 @@ class GatewayConfig:
             if s.id in seen:
                 raise FieldProblem("sensors", f"ids must be unique (got {s.id!r} twice)")
             seen.add(s.id)
+
+    def __attrs_post_init__(self) -> None:
+        if (self.metrics.enabled and self.metrics.health_interval_s > 0
+                and any(s.id == HEALTH_SENSOR_ID for s in self.sensors)):
+            raise FieldProblem("sensors", f"id {HEALTH_SENSOR_ID!r} is the gateway's own health "
+                                          f"sensor's (sensor:{HEALTH_SENSOR_ID}); rename this "
+                                          f"sensor, or set [metrics] health_interval_s = 0")
 
     def device_of(self, sensor: SensorSettings) -> str:
         """The device id a sensor's readings carry."""

@@ -4,24 +4,33 @@
     ├── journal        JournalWriter — the only writer of journal.db
     ├── broker         BrokerActor — the gateway's own mosquitto (only with [broker] enabled)
     ├── sensors        Supervisor(one_for_one)
-    │     └── sensor:<id>  SimSensor | MqttSensor | CanSensor | NmeaSensor (one per sensor)
-    └── processing     Supervisor(one_for_one)
-          ├── router   RouterActor — puts every record in a lane (policy engine)
-          └── model    ModelRunnerActor — safety rules + OpenVINO inference of device windows
-    └── uplink         UplinkActor — syncs P1/P2/P3 to central (only with [uplink] url)
+    │     ├── sensor:<id>    SimSensor | MqttSensor | CanSensor | NmeaSensor (one per sensor)
+    │     └── sensor:health  HealthSensor — the gateway's own health as readings (with
+    │                        [metrics] enabled and health_interval_s > 0)
+    ├── processing     Supervisor(one_for_one)
+    │     ├── router   RouterActor — puts every record in a lane (policy engine)
+    │     └── model    ModelRunnerActor — safety rules + OpenVINO inference of device windows
+    ├── uplink         UplinkActor — syncs P1/P2/P3 to central (only with [uplink] url)
+    └── metrics        MetricsActor — GET /metrics on loopback (only with [metrics] enabled)
 
 The journal comes first: sensors and consumers need its address, and in an orderly stop
 (reverse order) the router closes its windows and the sensors drain into the journal before it
-closes; the uplink, last, stops first. one_for_one at the root: when the journal restarts,
-sensors keep their unacknowledged batches and resend them to its new address, and the uplink
-resends what it had in flight.
+closes; the uplink stops before them, and the metrics actor, last, stops first. one_for_one at
+the root: when the journal restarts, sensors keep their unacknowledged batches and resend them
+to its new address, and the uplink resends what it had in flight.
 """
 
 from __future__ import annotations
 
 import attrs
 
-from config.schema import GatewayConfig, SensorActorSettings, UplinkActorSettings
+from config.metrics import HEALTH_SENSOR_ID, HealthSensorSettings, SamplingSettings
+from config.schema import (
+    GatewayConfig,
+    SensorActorSettings,
+    SensorSettings,
+    UplinkActorSettings,
+)
 from supervisors.spec import ChildSpec, Restart, Strategy, SupervisorFlags, SupervisorSpec
 
 SENSOR_CLASSES = {
@@ -36,6 +45,8 @@ SUPERVISOR_CLASS = "supervisors.supervisor.Supervisor"
 ROUTER_CLASS = "actors.router.actor.RouterActor"
 MODEL_CLASS = "actors.model_runner.actor.ModelRunnerActor"
 UPLINK_CLASS = "actors.uplink.actor.UplinkActor"
+METRICS_CLASS = "actors.metrics.actor.MetricsActor"
+HEALTH_CLASS = "actors.sensors.actor.HealthSensor"
 #: Niceness of the journal consumers (router, model runner): they yield the CPU to sensors
 #: and the journal (I6). The router catches up at 3x ingest, the model runner much faster.
 CONSUMER_NICE = 10
@@ -76,6 +87,19 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
         )
         for s in config.sensors
     )
+    metrics = config.metrics
+    sampling = SamplingSettings(metrics, config.gateway.device_id,
+                                config.journal.disk_budget_bytes)
+    if metrics.enabled and metrics.health_interval_s > 0:
+        # One reading a batch, sent at once; niced like the consumers: it only watches.
+        health = SensorSettings(id=HEALTH_SENSOR_ID, device_id=config.gateway.device_id,
+                                batch_max_readings=1, buffer_max_bytes=1 << 20)
+        sensors += (ChildSpec(name=sensor_name(HEALTH_SENSOR_ID), actor_class=HEALTH_CLASS,
+                              restart=Restart.PERMANENT,
+                              shutdown_timeout_s=max(5.0, health.resend_after_s * 2),
+                              heartbeat_timeout_s=sup.heartbeat_timeout_s,
+                              settings=HealthSensorSettings(health, sampling),
+                              nice=CONSUMER_NICE),)
     children = (
         ChildSpec(
             name="journal",
@@ -132,4 +156,10 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
                                heartbeat_timeout_s=sup.heartbeat_timeout_s,
                                settings=UplinkActorSettings(uplink, config.model),
                                nice=UPLINK_NICE),)
+    if metrics.enabled:
+        # Last: it watches everything else, and in an orderly stop it goes first.
+        children += (ChildSpec(name="metrics", actor_class=METRICS_CLASS,
+                               restart=Restart.PERMANENT, shutdown_timeout_s=5.0,
+                               heartbeat_timeout_s=sup.heartbeat_timeout_s, settings=sampling,
+                               nice=CONSUMER_NICE),)
     return SupervisorSpec(flags(Strategy.ONE_FOR_ONE), children)

@@ -37,6 +37,10 @@ from messages.supervision import StopChild
 #: Peers that consume the journal and want NewRecords (later issues add them to the tree).
 UPLINK = "uplink"
 CONSUMER_PEERS = ("router", "model", UPLINK)
+#: Commit latencies kept for the figures' p50/p99: the last COMMIT_WINDOW_S seconds, at most
+#: COMMIT_SAMPLES commits.
+COMMIT_WINDOW_S = 60.0
+COMMIT_SAMPLES = 4096
 
 
 def journal_path(data_dir: str) -> str:
@@ -71,6 +75,9 @@ class JournalWriter(SupervisedActor):
         self.duplicates = 0
         self.last_commit_mono: float | None = None
         self.commit_times: deque[float] = deque(maxlen=4096)
+        #: (monotonic end, seconds) of each commit: the whole call into `Journal`, transaction
+        #: and fsync included (what an acknowledgement waits for).
+        self.commit_seconds: deque[tuple[float, float]] = deque(maxlen=COMMIT_SAMPLES)
 
     def on_init(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
@@ -87,12 +94,14 @@ class JournalWriter(SupervisedActor):
             quarantine_max_rows=self.settings.quarantine_max_rows,
         )
 
-    def committed(self, count: int) -> None:
+    def committed(self, count: int, started: float) -> None:
+        """A commit of ``count`` records that began at monotonic ``started`` is done."""
         now = time.monotonic()
         self.commits += 1
         self.records += count
         self.last_commit_mono = now
         self.commit_times.append(now)
+        self.commit_seconds.append((now, now - started))
 
     def notify_consumers(self, upto: Any, names: tuple[str, ...] = CONSUMER_PEERS) -> None:
         for name in names:
@@ -105,15 +114,16 @@ class JournalWriter(SupervisedActor):
             self.send(sender, AppendRefused(msg.batch_id, "stopping", "the journal is stopping",
                                             self.settings.refused_retry_s))
             return
+        started = time.monotonic()
         reply = self.journal.append(msg.batch_id, msg.batch, msg.resend_floor,
                                     msg.quarantined, msg.marks)
         if isinstance(reply, Appended):
             if reply.duplicate:
                 self.duplicates += 1
             elif msg.batch is None:
-                self.committed(0)
+                self.committed(0, started)
             else:
-                self.committed(len(msg.batch))
+                self.committed(len(msg.batch), started)
                 self.notify_consumers(reply.last)
         else:
             self.refused += 1
@@ -130,9 +140,10 @@ class JournalWriter(SupervisedActor):
             self.send(sender, ConsumerCommitRefused(msg.consumer, msg.request_id, msg.expected,
                                                     "stopping: the journal is stopping"))
             return
+        started = time.monotonic()
         reply = self.journal.commit_consumer(msg)
         if isinstance(reply, ConsumerCommitted) and not reply.duplicate:
-            self.committed(len(msg.outputs) if msg.outputs is not None else 0)
+            self.committed(len(msg.outputs) if msg.outputs is not None else 0, started)
             if msg.outputs is not None:
                 self.notify_consumers(self.journal.last_position())
             elif msg.decisions is not None:  # newly routed records: the uplink may send them
@@ -171,6 +182,11 @@ class JournalWriter(SupervisedActor):
             ("refused", self.refused),
             ("duplicates", self.duplicates),
         ]
+        latencies = sorted(s for at, s in self.commit_seconds if now - at <= COMMIT_WINDOW_S)
+        if latencies:
+            figures.append(("commit_ms_p50", round(latencies[len(latencies) // 2] * 1000, 2)))
+            figures.append(("commit_ms_p99",
+                            round(latencies[len(latencies) * 99 // 100] * 1000, 2)))
         if self.journal is not None:
             figures.append(("usage_bytes", self.journal.usage_bytes()))
         return figures

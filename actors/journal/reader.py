@@ -87,6 +87,19 @@ class LaneStats:
 
 
 @attrs.frozen(slots=True)
+class LaneBacklog:
+    """What waits in ``lane``: ``records`` with ``bytes`` of payload, the oldest of them with
+    reading time ``oldest_ts`` (ns; None when nothing waits). For P1, P2 and P3: not yet
+    acknowledged by central (seq above its device's watermark for the lane, not policy-dropped:
+    what the uplink sends). For "unrouted": not yet routed (after the router's cursor)."""
+
+    lane: str
+    records: int
+    bytes: int
+    oldest_ts: int | None
+
+
+@attrs.frozen(slots=True)
 class QuarantineStats:
     """Inputs of ``sensor_id`` that its source could not decode: ``quarantined`` in all,
     ``trimmed`` of them since removed to keep the quarantine bounded, the latest reason."""
@@ -332,6 +345,12 @@ def _lane_stats(conn: apsw.Connection, now_ns: int) -> tuple[LaneStats, ...]:
     return tuple(lanes)
 
 
+def read_drops(conn: apsw.Connection) -> tuple[DropStats, ...]:
+    """The journal's drop counters, per reason and lane (a handful of rows)."""
+    return tuple(DropStats(*row) for row in conn.execute(
+        "SELECT reason, lane, records, bytes FROM drops ORDER BY reason, lane"))
+
+
 def read_watermarks(conn: apsw.Connection) -> dict[str, dict[str, int]]:
     """device_id -> lane -> acknowledged seq."""
     marks: dict[str, dict[str, int]] = {}
@@ -391,12 +410,7 @@ def collect_stats(
             usage_bytes=db_bytes + wal_bytes,
             budget_bytes=budget_bytes,
             lanes=_lane_stats(conn, now_ns),
-            drops=tuple(
-                DropStats(*row)
-                for row in conn.execute(
-                    "SELECT reason, lane, records, bytes FROM drops ORDER BY reason, lane"
-                )
-            ),
+            drops=read_drops(conn),
             quarantine=tuple(
                 QuarantineStats(*row)
                 for row in conn.execute(
@@ -577,6 +591,18 @@ class JournalReader:
         """See `sync_counts` (reconciliation with central)."""
         return sync_counts(self._conn)
 
+    def backlog(self, router: str = "router") -> tuple[LaneBacklog, ...]:
+        """See `read_backlog` (what waits per lane: the metrics' backlog)."""
+        return read_backlog(self._conn, router)
+
+    def drops(self) -> tuple[DropStats, ...]:
+        """Records dropped, per reason and lane (the journal's durable counters)."""
+        return read_drops(self._conn)
+
+    def usage_bytes(self) -> int:
+        """What the disk budget counts: live database pages plus the WAL file."""
+        return sum(db_usage(self._conn, self.path))
+
     def records_per_sensor(self) -> dict[str, int]:
         """Records each sensor has in the journal (the router's aggregates not counted)."""
         return dict(self._conn.execute(
@@ -626,6 +652,7 @@ __all__ = [
     "DropStats",
     "JournalReader",
     "JournalStats",
+    "LaneBacklog",
     "LaneStats",
     "Record",
     "VerifyReport",
@@ -723,3 +750,30 @@ def lane_backlog(conn: apsw.Connection, lane: str, upto: Position) -> dict[str, 
     for the lane), not dropped and at positions <= ``upto``; devices with none are left out.
     One index range per device, so the cost is the unsynced records, not the lane's history."""
     return dict(conn.execute(LANE_BACKLOG_SQL, (lane, upto.value)))
+
+
+# ---- what waits per lane (the metrics' backlog) --------------------------------------------------
+# Per lane: devices first, then one range of records_lane(lane, device_id, seq) above the device's
+# watermark; payload and drop_reason come from each row found. The cost is the backlog (records
+# not yet synced), not the lane's history.
+LANE_WAITING_SQL = """SELECT count(*), total(octet_length(r.payload)), min(r.ts) FROM devices d
+    LEFT JOIN watermarks w ON w.device_id = d.device_id AND w.lane = ?1
+    CROSS JOIN records r
+WHERE r.lane = ?1 AND r.device_id = d.device_id AND r.seq > coalesce(w.seq, 0)
+    AND r.drop_reason IS NULL"""
+# A rowid range after the router's cursor (routed records there are the consumers' outputs).
+UNROUTED_WAITING_SQL = """SELECT count(*), total(octet_length(payload)), min(ts) FROM records
+WHERE pos > ?1 AND lane IS NULL"""
+
+
+def read_backlog(conn: apsw.Connection, router: str = "router") -> tuple[LaneBacklog, ...]:
+    """What waits, lane by lane: "unrouted" (after consumer ``router``'s cursor), then P1, P2
+    and P3 (not yet acknowledged by central; see `LaneBacklog`). EPHEMERAL is never synced:
+    nothing of it waits. One read transaction; the cost grows with the backlog (an index range
+    per device and lane), not with the journal (tests/journal/test_lane_backlog.py)."""
+    with read_snapshot(conn):
+        cursor = read_consumer_state(conn, router)[0]
+        rows = [(UNROUTED, conn.execute(UNROUTED_WAITING_SQL, (cursor.value,)).fetchone())]
+        rows += [(lane, conn.execute(LANE_WAITING_SQL, (lane,)).fetchone())
+                 for lane in LANES if lane != "EPHEMERAL"]
+    return tuple(LaneBacklog(lane, n, int(b), oldest) for lane, (n, b, oldest) in rows)

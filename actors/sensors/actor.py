@@ -5,9 +5,10 @@ Where this sits: the first step of the data path. A sensor reads its source, bat
 (bounded in bytes), resends after a timeout or when the journal's address changes (it
 restarted), and holds its source when the buffer is full (back-pressure) — nothing is dropped.
 `SensorActor` is the common base; `SimSensor` drives a `SimulatedSource`, `MqttSensor` an
-`MqttSession` (PUBACK only after the journal's `Appended`), `CanSensor` a `CanSource` and
-`NmeaSensor` an `NmeaSource`. Input a source cannot decode goes to the journal's quarantine
-with the batch (I8).
+`MqttSession` (PUBACK only after the journal's `Appended`), `CanSensor` a `CanSource`,
+`NmeaSensor` an `NmeaSource` and `HealthSensor` (``sensor:health``) a `HealthSource` over the
+gateway's own snapshots. Input a source cannot decode goes to the journal's quarantine with the
+batch (I8).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from collections import deque
 from typing import Any
 
 from actors.base import SupervisedActor, log
+from actors.metrics.sampler import SnapshotSampler, gateway_root
 from actors.sensors.can import CanSource
+from actors.sensors.health import HealthSource
 from actors.sensors.mqtt import CONNECTED, SUBSCRIPTIONS_MARK, MqttMessages, MqttSession
 from actors.sensors.nmea import NmeaSource
 from actors.sensors.outbox import NEVER_RETRY, SensorOutbox
 from actors.sensors.sim import SimulatedSource
+from config.metrics import HealthSensorSettings
 from config.schema import SensorActorSettings, SensorSettings
 from messages.journal import (
     Appended,
@@ -32,7 +36,7 @@ from messages.journal import (
     SourceMark,
     SourceMarksRead,
 )
-from messages.supervision import StopChild
+from messages.supervision import StopChild, TopologyReport
 
 #: How often a sensor wakes up to produce, batch and resend, seconds.
 TICK_S = 0.02
@@ -379,3 +383,44 @@ class NmeaSensor(PolledSensor):
     def make_source(self) -> NmeaSource:
         s = self.sensor
         return NmeaSource(s.nmea, s.id, s.device_id)
+
+
+class HealthSensor(SensorActor):
+    """The gateway's own health (``gateway_health`` readings) every ``[metrics]
+    health_interval_s``, the first one interval after the start: it asks the gateway root for
+    the tree, as the metrics actor does, and builds the snapshot in its sampler's worker thread;
+    the reading then takes the outbox's path to the journal like any other."""
+
+    @property
+    def sensor(self) -> SensorSettings:
+        settings: HealthSensorSettings = self.settings
+        return settings.sensor
+
+    def open_source(self) -> None:
+        settings: HealthSensorSettings = self.settings
+        self.interval_s = settings.sampling.metrics.health_interval_s
+        self.root = gateway_root(self)  # before the sampler's thread starts
+        self.sampler = SnapshotSampler(settings.sampling, self.data_dir or ".")
+        self.source = HealthSource(self.sensor.id, self.sensor.device_id)
+        self.next_at = time.monotonic() + self.interval_s
+
+    def produce(self) -> None:
+        assert self.outbox is not None
+        snapshot = self.sampler.take()
+        if snapshot is not None:
+            self.outbox.add([self.source.reading(snapshot)])
+        now = time.monotonic()
+        if now >= self.next_at and self.outbox.has_room():
+            request = self.sampler.request()
+            if request is not None:
+                self.send(self.root, request)
+                self.next_at = now + self.interval_s
+
+    def receiveMsg_TopologyReport(self, msg: TopologyReport, sender: Any) -> None:
+        self.sampler.on_report(msg)
+
+    def on_exit(self) -> None:
+        self.sampler.close()
+
+    def figures(self) -> list[tuple[str, Any]]:
+        return super().figures() + self.sampler.figures()

@@ -168,8 +168,12 @@ class UplinkActor(SupervisedActor):
         self.stop_request: tuple[Any, StopChild] | None = None
         self.waiting = "starting"
         self.last_problem = ""
+        #: sent: POSTs answered; retries: POSTs of a batch posted before (in this
+        #: incarnation); failures: answers that were neither acknowledged nor a split.
         self.counts = {"sent": 0, "acked": 0, "synced_records": 0, "bytes_sent": 0,
-                       "failures": 0, "splits": 0, "state_commits": 0}
+                       "retries": 0, "failures": 0, "splits": 0, "state_commits": 0}
+        #: Batches posted and not yet acknowledged or split: posting one again is a retry.
+        self.posted: set[PlannedBatch] = set()
 
     def on_init(self) -> None:
         settings: UplinkActorSettings = self.settings
@@ -264,6 +268,9 @@ class UplinkActor(SupervisedActor):
             self.wait(choice.reason, choice.seconds)
             return
         channel = self.channels[channel_of(choice.batch.lane)]
+        if choice.batch in self.posted:
+            self.counts["retries"] += 1
+        self.posted.add(choice.batch)
         self.waiting = "sending"
         channel.sending = choice
         channel.post = channel.pool.submit(self.post_batch, channel.sink, choice.signed)
@@ -371,6 +378,8 @@ class UplinkActor(SupervisedActor):
         self.counts["bytes_sent"] += result.sent_bytes
         outcome = self.uplink.on_result(send, result, time.monotonic())
         batch = outcome.batch
+        if outcome.action in (ACKED, SPLIT):
+            self.posted.discard(send.batch)
         if outcome.action == ACKED:
             self.counts["acked"] += 1
             self.counts["synced_records"] += batch.count

@@ -8,10 +8,11 @@ from supervisors.tree import gateway_tree
 def test_gateway_tree_of_the_demo_config_is_valid_and_named_as_in_design():
     tree = gateway_tree(load_config("config/demo.toml"))
     assert validate(tree) == []
-    assert [c.name for c in tree.children] == ["journal", "sensors", "processing"]
+    assert [c.name for c in tree.children] == ["journal", "sensors", "processing", "metrics"]
     assert [c.name for c in tree.child("processing").settings.children] == ["router", "model"]
     sensors = tree.child("sensors").settings
-    assert [c.name for c in sensors.children] == ["sensor:imu0", "sensor:gps0", "sensor:engine0"]
+    assert [c.name for c in sensors.children] == ["sensor:imu0", "sensor:gps0", "sensor:engine0",
+                                                  "sensor:health"]
     assert all(c.settings.sensor.device_id == "veh-001" for c in sensors.children)
 
 
