@@ -23,27 +23,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class GatewayProcess:
-    """One gateway run in a child process; output goes to ``output_path`` (or nowhere)."""
+    """One gateway run in a child process; output goes to ``output_path`` (or nowhere);
+    ``env`` is added to this process's environment for it (e.g. a faked clock)."""
 
     def __init__(self, config_path: str, data_dir: str, admin_port: int,
-                 output_path: str | None = None) -> None:
+                 output_path: str | None = None, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.data_dir = data_dir
         self.port = admin_port
         self.output_path = output_path
+        self.env = dict(env or {})
         self.proc: subprocess.Popen | None = None
 
     @property
     def journal_path(self) -> str:
         return os.path.join(self.data_dir, "journal.db")
 
-    def start(self) -> GatewayProcess:
+    def start(self, env: dict[str, str] | None = None) -> GatewayProcess:
+        """Start the run; ``env``, when given, replaces the extra environment from now on."""
+        if env is not None:
+            self.env = dict(env)
         out = open(self.output_path, "a") if self.output_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tools.cli", "run", "--config", self.config_path,
                  "--data-dir", self.data_dir, "--admin-port", str(self.port)],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
             )
         finally:
             if out is not subprocess.DEVNULL:

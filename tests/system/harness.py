@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tools.gateway_process import ROOT, GatewayProcess
+from tools.harness.toml_text import config_text
 
 PORT_BASE = 22000 + 100 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 50)
 _next_port = [PORT_BASE]
@@ -55,44 +56,26 @@ def walk(node: dict):
         yield from walk(child)
 
 
-def toml_value(value: Any) -> str:
-    """``value`` as TOML (inline tables for dicts)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(value)
-
-
-def config_text(sensors: list[dict], **sections: dict) -> str:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    for sensor in sensors:
-        lines.append("[[sensors]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in sensor.items()]
-    return "\n".join(lines) + "\n"
-
-
 class GatewayUnderTest(GatewayProcess):
     """A gateway run for one test: its config (fault injection on), data dir and a free port,
     with the inspector and fault injection at hand."""
 
-    def __init__(self, tmp_path, sensors: list[dict], **sections: dict) -> None:
+    def __init__(self, tmp_path, sensors: list[dict], env: dict[str, str] | None = None,
+                 **sections: dict) -> None:
         port = free_port()
         config_path = str(tmp_path / "gateway.toml")
         gateway = {"admin_port": port, "status_interval_s": 1, "fault_injection": True}
         gateway.update(sections.pop("gateway", {}))
+        # Each test gateway's metrics on a port of its own; no health readings unless asked.
+        sections.setdefault("metrics", {"port": free_port(), "health_interval_s": 0})
         with open(config_path, "w") as fh:
             fh.write(config_text(sensors, gateway=gateway, **sections))
-        super().__init__(config_path, str(tmp_path / "data"), port, str(tmp_path / "run.out"))
+        super().__init__(config_path, str(tmp_path / "data"), port, str(tmp_path / "run.out"),
+                         env)
 
-    def start(self, wait: bool = True) -> GatewayUnderTest:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> GatewayUnderTest:
         earlier = self.pgid()
-        super().start()
+        super().start(env)
         if wait:
             # After a SIGKILLed run the old actor system may still answer on the port: wait
             # for this run's own actor system first.
