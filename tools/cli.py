@@ -1,4 +1,4 @@
-"""The `fleetgw` command line: run, topology, journal, bench.
+"""The `fleetgw` command line: run, topology, journal, drill, bench.
 
 Where this sits: the operator's entry point. Each verb is a thin argparse layer over a function
 in tools/ that returns an exit status (0 ok, 1 failed, 2 bad usage or input).
@@ -180,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the receiver's TOML config (its backend is read; stop a chdb "
                             "receiver first: one process owns its path)")
     recon.add_argument("--json", action="store_true", help="print JSON rows")
+
+    drill = sub.add_parser("drill", help="field chaos drills: a timeline of real faults "
+                           "against a gateway, then the invariants checked (drills/)")
+    dsub = drill.add_subparsers(dest="drill_command", required=True, metavar="ACTION")
+    drun = dsub.add_parser("run", help="run a drill; exit 1 on any violated invariant, 2 on a "
+                                       "bad drill file")
+    drun.add_argument("file", help="drill TOML (see drills/)")
+    drun.add_argument("--json", action="store_true", help="print one JSON object")
+    drun.add_argument("--short", action="store_true",
+                      help="the short version (the drill's short_duration_s; CI runs these)")
+    drun.add_argument("--keep", default=None, metavar="DIR",
+                      help="work in DIR and keep it (logs, journal, configs); default: a "
+                           "temporary dir removed at the end")
 
     bench = sub.add_parser("bench", help="benchmarks that print figures beside references")
     bsub = bench.add_subparsers(dest="bench_command", required=True, metavar="WHAT")
@@ -372,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.provision_cmd import provision_command
 
         return provision_command(args)
+    if args.command == "drill":
+        from tools.drill.runner import run_drill
+
+        return run_drill(args.file, args.json, args.short, args.keep)
     if args.command == "bench" and args.bench_command == "model":
         from tools.bench_model import bench_model_command
 
