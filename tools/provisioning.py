@@ -62,8 +62,10 @@ DEFAULT_CA_DAYS = 3650
 #: Leaf certificates: 825 days, the longest TLS clients commonly accept.
 DEFAULT_LEAF_DAYS = 825
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
-#: Certificates start this long before "now", for clocks a little behind the issuer's.
-BACKDATE = dt.timedelta(minutes=5)
+#: Certificates start this long before "now", for clocks behind the issuer's: a Raspberry Pi has
+#: no RTC and boots on the time it saved at shutdown until NTP or GPS steps it (a drill with
+#: the clock 90 min behind found 5 minutes too short: "certificate is not yet valid").
+BACKDATE = dt.timedelta(days=2)
 PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DNS_NAME_RE = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*$")
