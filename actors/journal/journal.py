@@ -221,11 +221,14 @@ class Journal:
             # acknowledgement path, so it never waits for readers; and when a consumer's read
             # keeps the WAL in use the attempt fails after copying frames, so after a failure
             # the next attempt waits TRUNCATE_RETRY_S (retrying on every commit put ~0.3 s on
-            # the ack p99).
+            # the ack p99). The COMMIT has returned: a checkpoint that fails because the disk
+            # is full (copying new pages grows the database file) must not turn it into a
+            # refusal — the caller would report a committed batch as not written, keep a stale
+            # last position, and crash on the next insert.
             self._conn.set_busy_timeout(0)
             try:
                 busy = 1
-                with suppress(apsw.BusyError, apsw.LockedError):
+                with suppress(apsw.BusyError, apsw.LockedError, apsw.FullError):
                     busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             finally:
                 self._conn.set_busy_timeout(BUSY_TIMEOUT_MS)
