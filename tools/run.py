@@ -83,6 +83,14 @@ def walk(node: ActorNode):
         yield from walk(child)
 
 
+def say(line: str) -> None:
+    """Print a line for the operator. stdout may be a file on a full disk (or a closed pipe):
+    the status is also in the tree and the log, so a line that cannot be written is dropped
+    rather than stopping the gateway."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
+
+
 def status_line(root: ActorNode) -> str:
     figures = dict(find(root, "journal").figures) if find(root, "journal") else {}
     sensors = [n for n in walk(root) if n.name.startswith("sensor:")]
@@ -219,12 +227,12 @@ class Runner:
                 missed = 0
                 self.last_tree = report.root
                 if interval:
-                    print(status_line(report.root), flush=True)
+                    say(status_line(report.root))
         return self.stop()
 
     def stop(self) -> int:
         log().info("stopping: %s", self.stop_reason)
-        print(f"fleetgw: stopping ({self.stop_reason})", flush=True)
+        say(f"fleetgw: stopping ({self.stop_reason})")
         report = ask(self.asys, self.gateway, TopologyRequest(next(_ids)), (TopologyReport,), 2.0)
         if isinstance(report, TopologyReport):
             self.last_tree = report.root

@@ -114,6 +114,11 @@ def _add_partial(partials: list[float], x: float) -> bool:
     return math.isfinite(x)
 
 
+#: A record at least this much older than its stream's latest (and two windows) means the
+#: wall clock stepped back; anything closer is a late record (a resend after a crash).
+STEP_BACK_NS = 60 * 10**9
+
+
 class _Field:
     """One field's running statistics in one window."""
 
@@ -282,6 +287,14 @@ class Aggregator:
             return _NOTHING  # already aggregated (a replay after a restore)
         st.last_pos = pos
         ts = record.ts
+        stepped: tuple[Aggregate, ...] = ()
+        if st.high_ts - ts > max(STEP_BACK_NS, 2 * spec.window_ns):
+            # 0. Far behind the stream's latest ts: the wall clock stepped back (a Pi setting
+            #    its clock), not a resend. Close what the stream has open and start over at
+            #    this record; otherwise every record until the clock catches up would be a
+            #    late window of its own (one aggregate per record).
+            stepped = self._close(key, st, math.inf)
+            st.high_ts = -1
         # 1. the record's window: usually the stream's current one
         w = st.current
         if w is None or not (w.start <= ts < w.end) or w.end - w.start != spec.window_ns:
@@ -299,8 +312,8 @@ class Aggregator:
             st.high_ts = ts
         closed_to = st.high_ts if st.high_ts > self.flushed_ns else self.flushed_ns
         if st.min_end <= closed_to:
-            return self._close(key, st, closed_to)
-        return _NOTHING
+            return stepped + self._close(key, st, closed_to)
+        return stepped
 
     def flush(self, until_ts: int) -> tuple[Aggregate, ...]:
         """Close every window ending at or before ``until_ts`` (a stream gone quiet, a

@@ -38,6 +38,9 @@ from messages.journal import (
 )
 from messages.supervision import StopChild, TopologyReport
 
+#: A wall clock this far from where the monotonic clock says it should be has stepped (a
+#: simulated sensor then starts a new grid at the new time), ns. NTP's slewing stays below.
+CLOCK_STEP_NS = 1_000_000_000
 #: How often a sensor wakes up to produce, batch and resend, seconds.
 TICK_S = 0.02
 #: Ack latencies kept for the figures (and the benchmark): the last LATENCY_WINDOW_S seconds.
@@ -162,14 +165,30 @@ class SimSensor(SensorActor):
     MAX_PER_TICK = 5000
 
     def open_source(self) -> None:
+        self.start_grid(time.time_ns())
+
+    def start_grid(self, start_ns: int) -> None:
+        """A source whose readings are due on a grid from ``start_ns`` (wall clock), paced by
+        the monotonic clock from now on."""
         s = self.sensor
-        self.source = SimulatedSource(
-            s.kind, s.rate_hz, s.device_id, s.id, s.seed, time.time_ns()
-        )
+        self.source = SimulatedSource(s.kind, s.rate_hz, s.device_id, s.id, s.seed, start_ns)
+        self.grid_origin = (start_ns, time.monotonic_ns())
 
     def produce(self) -> None:
         assert self.outbox is not None
-        now = time.time_ns()
+        # Paced by the monotonic clock, stamped on the wall clock: when the wall clock steps
+        # (a Pi without an RTC gets NTP or a GPS fix), a real sensor neither produces the
+        # skipped time as a backlog nor falls silent until the clock catches up; its stamps
+        # jump with the clock. So once everything due on the old grid was pulled (nothing
+        # held back is lost), the source starts a new grid at the new wall time.
+        start_ns, mono0 = self.grid_origin
+        now = start_ns + time.monotonic_ns() - mono0
+        wall = time.time_ns()
+        if abs(wall - now) > CLOCK_STEP_NS and self.source.backlog(now) == 0:
+            log().info("sensor %s: the wall clock stepped by %+.3f s; readings follow it",
+                       self.name, (wall - now) / 1e9)
+            self.start_grid(wall)
+            now = wall
         produced = 0
         while self.outbox.has_room() and produced < self.MAX_PER_TICK:
             readings = self.source.due(now, self.sensor.batch_max_readings)
