@@ -7,8 +7,7 @@ journaled. `actors.broker.launcher.MosquittoLauncher` turns these settings into 
 mosquitto.conf and keeps the process alive; `actors.broker.actor.BrokerActor` supervises it.
 
 Validation does no I/O (whether the binary or the password file exist is checked when the broker
-starts, and reported there). `FieldProblem` is imported at call time: `config.schema` imports
-this module, so a module-level import would be circular.
+starts, and reported there).
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ import ipaddress
 from typing import Any
 
 import attrs
+
+from config.fields import FieldProblem, _address, _non_negative, _port, _positive
 
 DEFAULT_BROKER_PORT = 1883
 #: Messages mosquitto keeps per persistent client that is offline or behind (mosquitto's own
@@ -29,35 +30,6 @@ DEFAULT_MAX_QUEUED_BYTES = 256 << 20
 DEFAULT_MAX_INFLIGHT_MESSAGES = 1000
 
 
-def _problem(field: str, problem: str) -> ValueError:
-    from config.fields import FieldProblem
-
-    return FieldProblem(field, problem)
-
-
-def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or value <= 0:
-        raise _problem(attr.name, f"must be > 0 (got {value!r})")
-
-
-def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or value < 0:
-        raise _problem(attr.name, f"must be >= 0 (got {value!r})")
-
-
-def _port(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not 1024 <= value <= 65535:
-        raise _problem(attr.name, f"must be a TCP port in 1024..65535 (got {value!r})")
-
-
-def _address(inst: Any, attr: attrs.Attribute, value: str) -> None:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise _problem(attr.name, f"must be an IP address such as 127.0.0.1 or ::1 "
-                                  f"(got {value!r})") from None
-
-
 def _breaks_line(text: str) -> bool:
     # mosquitto reads its config line by line: a line break in a value would add lines.
     return any(c in text for c in "\n\r\x00")
@@ -65,13 +37,13 @@ def _breaks_line(text: str) -> bool:
 
 def _one_line(inst: Any, attr: attrs.Attribute, value: str) -> None:
     if _breaks_line(value):
-        raise _problem(attr.name, f"must not contain line breaks or NUL (got {value!r})")
+        raise FieldProblem(attr.name, f"must not contain line breaks or NUL (got {value!r})")
 
 
 def _lines(inst: Any, attr: attrs.Attribute, value: tuple[str, ...]) -> None:
     for line in value:
         if _breaks_line(line):
-            raise _problem(attr.name, f"must hold one mosquitto.conf line per entry "
+            raise FieldProblem(attr.name, f"must hold one mosquitto.conf line per entry "
                                       f"(got {line!r})")
 
 
@@ -129,18 +101,18 @@ class BrokerSettings:
 
     def __attrs_post_init__(self) -> None:
         if not self.binary:
-            raise _problem("binary", "must name the mosquitto executable (got '')")
+            raise FieldProblem("binary", "must name the mosquitto executable (got '')")
         if self.restart_max_s < self.restart_min_s:
-            raise _problem("restart_max_s", f"must be >= restart_min_s ({self.restart_min_s}) "
+            raise FieldProblem("restart_max_s", f"must be >= restart_min_s ({self.restart_min_s}) "
                                             f"(got {self.restart_max_s!r})")
         if not self.loopback and self.allow_anonymous:
-            raise _problem("allow_anonymous", f"must be false when listen_address is not a "
+            raise FieldProblem("allow_anonymous", f"must be false when listen_address is not a "
                                               f"loopback address (got true with "
                                               f"{self.listen_address!r}): anonymous clients "
                                               f"from the network could publish and read "
                                               f"everything; set a password_file")
         if not self.allow_anonymous and not self.password_file:
-            raise _problem("password_file", "must be set when allow_anonymous is false "
+            raise FieldProblem("password_file", "must be set when allow_anonymous is false "
                                             "(create one with mosquitto_passwd -c FILE USER)")
 
     @property

@@ -39,8 +39,18 @@ def _one_of(choices: tuple[str, ...]):
 
 
 def _port(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if not 1024 <= value <= 65535:
+    if isinstance(value, bool) or not 1024 <= value <= 65535:
         raise FieldProblem(attr.name, f"must be a TCP port in 1024..65535 (got {value!r})")
+
+
+def _address(inst: Any, attr: attrs.Attribute, value: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise FieldProblem(attr.name, f"must be an IP address such as 127.0.0.1 or ::1 "
+                                      f"(got {value!r})") from None
 
 
 def _ident(inst: Any, attr: attrs.Attribute, value: Any) -> None:

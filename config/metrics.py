@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from config.fields import FieldProblem, _address, _non_negative, _port, _positive
+
 if TYPE_CHECKING:
     from config.schema import SensorSettings
 
@@ -33,38 +35,9 @@ NO_CPU_TEMP = "none"
 HEALTH_SENSOR_ID = "health"
 
 
-def _problem(field: str, problem: str) -> ValueError:
-    from config.fields import FieldProblem
-
-    return FieldProblem(field, problem)
-
-
-def _address(inst: Any, attr: attrs.Attribute, value: str) -> None:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        raise _problem(attr.name, f"must be an IP address such as 127.0.0.1 or ::1 "
-                                  f"(got {value!r})") from None
-
-
-def _port(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or not 1024 <= value <= 65535:
-        raise _problem(attr.name, f"must be a TCP port in 1024..65535 (got {value!r})")
-
-
-def _positive(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or value <= 0:
-        raise _problem(attr.name, f"must be > 0 (got {value!r})")
-
-
-def _non_negative(inst: Any, attr: attrs.Attribute, value: Any) -> None:
-    if isinstance(value, bool) or value < 0:
-        raise _problem(attr.name, f"must be >= 0 (got {value!r})")
-
-
 def _one_line(inst: Any, attr: attrs.Attribute, value: str) -> None:
     if any(c in value for c in "\n\r\x00"):
-        raise _problem(attr.name, f"must be a path on one line (got {value!r})")
+        raise FieldProblem(attr.name, f"must be a path on one line (got {value!r})")
 
 
 @attrs.frozen
