@@ -90,7 +90,7 @@ TRUNCATE_RETRY_S = 2.0
 EVICTION_ORDER = ("expired", "policy_dropped", "synced", "aggregated", "oldest_p2")
 #: How long a sensor incarnation's batch ids are kept after their commit once a newer
 #: incarnation appends: longer than a message stays in flight, so a dead incarnation's late
-#: resend is still recognised.
+#: resend is still recognised. Measured on the journal's steady clock (`Journal._steady_ns`).
 DEAD_INCARNATION_GRACE_NS = 10 * 60 * 10**9
 
 _INSERT_RECORD = (
@@ -165,6 +165,7 @@ class Journal:
         synchronous: str = "FULL",
         disk_budget_bytes: int = DEFAULT_DISK_BUDGET_BYTES,
         clock_ns: Callable[[], int] = time.time_ns,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
         refused_retry_s: float = DEFAULT_REFUSED_RETRY_S,
         p1_reserve_fraction: float = DEFAULT_P1_RESERVE_FRACTION,
         quarantine_max_rows: int = DEFAULT_QUARANTINE_MAX_ROWS,
@@ -187,6 +188,12 @@ class Journal:
         self.eviction_s = 0.0
         self.refused_retry_s = refused_retry_s
         self._clock_ns = clock_ns
+        self._monotonic_ns = monotonic_ns
+        #: Batch ids are stamped on a steady clock: the wall time at open plus the monotonic
+        #: time since. A wall clock stepping forward (a Pi without an RTC fixing its time)
+        #: must not age a dead incarnation's ids past their grace at once, or its late
+        #: resend would be stored twice.
+        self._steady_origin = (clock_ns(), monotonic_ns())
         self._closed = False
         # Refuses a foreign or newer file before changing anything; migrates an older one.
         self._conn, self.migrated_from = open_for_writing(self.path, synchronous, clock_ns)
@@ -522,7 +529,8 @@ class Journal:
                     self._count_drops("refused_budget", UNROUTED, n, nbytes)
                     detail = self._budget_detail(need, self.sensor_budget_bytes)
                     return AppendRefused(batch_id, "disk_budget", detail, self.refused_retry_s)
-                self._forget_dead_incarnations(batch_id, now)
+                steady = self._steady_ns()
+                self._forget_dead_incarnations(batch_id, steady)
                 # 3. The rows, then the batch id that makes a resend a no-op.
                 if batch is None:  # positions stay where they are: first == last
                     first, ranges, last = self._last_pos, (), self._last_pos
@@ -531,7 +539,7 @@ class Journal:
                     ranges, last = self._insert(batch, now)
                 self._conn.execute(
                     "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (*key, first, last, ranges_to_json(ranges), now),
+                    (*key, first, last, ranges_to_json(ranges), steady),
                 )
                 if resend_floor > 0:
                     self._conn.execute(
@@ -571,6 +579,13 @@ class Journal:
             return AppendRefused(batch_id, "invalid", f"unstorable value: {exc}", 0.0)
         self._last_pos = last
         return Appended(batch_id, ranges, Position(first), Position(last))
+
+    def _steady_ns(self) -> int:
+        """Wall time at open + monotonic time since: steps of the wall clock while the
+        journal runs do not move it. (Across a restart it starts again from the wall clock;
+        messages in flight to the old journal died with it, so no late resend spans that.)"""
+        wall0, mono0 = self._steady_origin
+        return wall0 + self._monotonic_ns() - mono0
 
     def _quarantine(self, sensor_id: str, items: tuple[QuarantinedInput, ...], now: int) -> None:
         """Add ``items`` to the quarantine, trim it to ``quarantine_max_rows`` (oldest first)

@@ -162,7 +162,8 @@ def test_late_resend_from_a_dead_incarnation_is_still_stored_once(
 
 def test_dead_incarnation_ids_are_forgotten_after_the_grace(path: str) -> None:
     now = [TS0]
-    with Journal(path, synchronous="NORMAL", clock_ns=lambda: now[0]) as j:
+    with Journal(path, synchronous="NORMAL", clock_ns=lambda: now[0],
+                 monotonic_ns=lambda: now[0]) as j:
         for no in (1, 2):
             j.append(BatchId("imu-1", 1, no), make_batch("imu-1", ["veh-1"], f"b{no}"))
         j.append(BatchId("gps-1", 1, 1), make_batch("gps-1", ["veh-1"], "gps"))
@@ -170,6 +171,25 @@ def test_dead_incarnation_ids_are_forgotten_after_the_grace(path: str) -> None:
         j.append(BatchId("imu-1", 2, 1), make_batch("imu-1", ["veh-1"], "c1"))
     ids = list(raw(path).execute("SELECT sensor_id, incarnation, batch_no FROM batches"))
     assert sorted(ids) == [("gps-1", 1, 1), ("imu-1", 2, 1)]  # other sensors are untouched
+
+
+def test_a_wall_clock_step_forward_does_not_age_dead_incarnation_ids(path: str) -> None:
+    """A Pi fixing its clock (+1 day) between a dead incarnation's commit and its successor's
+    first append: the dead one's late resend is still recognised, not stored twice."""
+    wall, mono = [TS0], [0]
+    with Journal(path, synchronous="NORMAL", clock_ns=lambda: wall[0],
+                 monotonic_ns=lambda: mono[0]) as j:
+        old = make_batch("imu-1", ["veh-1"], "old")
+        j.append(BatchId("imu-1", 1, 1), old)
+        wall[0] += 86_400 * 10**9  # the wall clock steps a day; one real second passes
+        mono[0] += 10**9
+        j.append(BatchId("imu-1", 2, 1), make_batch("imu-1", ["veh-1"], "new"))
+        assert j.append(BatchId("imu-1", 1, 1), old).duplicate
+        mono[0] += DEAD_INCARNATION_GRACE_NS + 1  # real time passes: now the ids go
+        j.append(BatchId("imu-1", 3, 1), make_batch("imu-1", ["veh-1"], "newer"))
+    assert stored_markers(path) == {"old": 1, "new": 1, "newer": 1}
+    ids = sorted(raw(path).execute("SELECT incarnation FROM batches WHERE sensor_id = 'imu-1'"))
+    assert ids == [(3,)]
 
 
 def test_failed_append_leaves_no_rows_and_no_gap(journal: Journal, path: str) -> None:

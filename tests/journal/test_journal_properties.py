@@ -46,7 +46,8 @@ class JournalMachine(RuleBasedStateMachine):
         self.serial = 0
 
     def _open(self) -> Journal:
-        return Journal(self.path, synchronous="NORMAL", clock_ns=lambda: self.now)
+        return Journal(self.path, synchronous="NORMAL", clock_ns=lambda: self.now,
+                       monotonic_ns=lambda: self.now)
 
     def teardown(self) -> None:
         if hasattr(self, "journal"):
