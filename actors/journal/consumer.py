@@ -146,6 +146,13 @@ class ConsumerActor(SupervisedActor):
         if self.in_flight is None or msg.request_id != self.in_flight.request_id:
             return
         if msg.reason.startswith(TRANSIENT_REFUSALS):
+            if self.stop_request is not None:
+                # Stopping, and the journal cannot take it now (a full disk): drop it rather
+                # than hold the stop. Nothing is lost: outputs and cursor commit together
+                # (I4), so the next start redoes this work from the durable cursor.
+                self.in_flight = None
+                self.finish_stop()
+                return
             self.sent_at = time.monotonic()  # keep it; resent after RESEND_AFTER_S
             return
         # Our cursor is not the journal's: the in-memory state is ahead of what is durable.
