@@ -28,6 +28,7 @@ import psutil
 from actors.sensors.actor import LATENCY_WINDOW_S
 from supervisors import system
 from tools.gateway_process import GatewayProcess
+from tools.harness.rig import walk
 
 RAW_BATCH = 500
 #: Seconds to let a freshly started gateway settle before measuring.
@@ -60,14 +61,8 @@ def _tree(port: int) -> dict:
     return json.loads(out.stdout)
 
 
-def _walk(node: dict):
-    yield node
-    for child in node["children"]:
-        yield from _walk(child)
-
-
 def _journal_records(port: int) -> tuple[float, int]:
-    journal = next(n for n in _walk(_tree(port)) if n["name"] == "journal")
+    journal = next(n for n in walk(_tree(port)) if n["name"] == "journal")
     return time.monotonic(), int(journal["figures"]["records"])
 
 
@@ -96,7 +91,7 @@ def _memory(pid: int, pgid: int | None) -> tuple[float, float]:
 
 def _latencies(port: int) -> tuple[float, float]:
     p50s, p99s = [], []
-    for node in _walk(_tree(port)):
+    for node in walk(_tree(port)):
         figures = node["figures"]
         if "ack_ms_p99" in figures:
             p50s.append(figures["ack_ms_p50"])

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tools.gateway_process import ROOT, GatewayProcess
+from tools.harness.rig import walk
 from tools.harness.toml_text import config_text
 
 PORT_BASE = 22000 + 100 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 50)
@@ -48,12 +49,6 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str,
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}"
                          + (f" (last error: {last_error})" if last_error else ""))
-
-
-def walk(node: dict):
-    yield node
-    for child in node.get("children", []):
-        yield from walk(child)
 
 
 class GatewayUnderTest(GatewayProcess):

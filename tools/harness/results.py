@@ -80,6 +80,7 @@ def percentiles(values: list[float]) -> Latency:
 
 def collect(rig: Rig, exit_status: int | None, drained: bool) -> RigResults:
     from actors.journal.reader import JournalReader
+    from tools.harness.rig import walk
 
     with JournalReader(rig.journal_path) as reader:
         stats = reader.stats()
@@ -91,7 +92,7 @@ def collect(rig: Rig, exit_status: int | None, drained: bool) -> RigResults:
     ages: list[tuple[float, float]] = []
     usage_max = stats.usage_bytes
     for sample in samples:
-        for node in _walk(sample.tree):
+        for node in walk(sample.tree):
             if node["name"] == "journal":
                 figures = dict(node.get("figures") or {})
                 age = figures.get("last_commit_age_s")
@@ -141,9 +142,3 @@ def central_side(rig: Rig, reader: Any, generation: str) -> tuple[bool, list[dic
     finally:
         backend.close()
     return True, rows, percentiles(latencies)
-
-
-def _walk(node: dict[str, Any]):
-    yield node
-    for child in node.get("children", []):
-        yield from _walk(child)

@@ -287,10 +287,9 @@ class Rig:
         """Start a run of the gateway (the rig's config, or ``config_path``)."""
         self.runs += 1
         env = self.clock.env() if self.clock is not None else None
-        extra = {"env": env} if env is not None else {}
         self.gateway = GatewayProcess(str(config_path or self.config_path), self.data_dir,
                                       self.admin_port,
-                                      str(self.directory / f"run{self.runs}.out"), **extra)
+                                      str(self.directory / f"run{self.runs}.out"), env=env)
         earlier = self.gateway.pgid()
         self.gateway.start()
         if not wait:
