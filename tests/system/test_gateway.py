@@ -79,6 +79,21 @@ def test_segfault_inside_an_actor_is_detected_and_restarted(make_gateway):
     assert "SIGSEGV" in after["last_exit"]
 
 
+def test_faults_inside_actors_are_refused_unless_the_config_enables_them(make_gateway):
+    gw = make_gateway(gateway={"fault_injection": False}).start()
+    before = gw.node("sensor:gps0")
+    code = ("import sys\nfrom tools.faults import FaultError, inject\n"
+            f"try:\n    inject({gw.port}, 'sensor:gps0', 'segfault')\n"
+            "except FaultError as exc:\n    sys.exit(f'refused: {exc}')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "fault injection is off" in done.stderr, done.stderr
+    journaled = gw.records()
+    wait_for(lambda: gw.records() > journaled + 50, 30, "journaling to go on")
+    after = gw.node("sensor:gps0")
+    assert (after["pid"], after["restarts"]) == (before["pid"], 0)
+
+
 def test_hung_actor_is_killed_by_the_watchdog_and_restarted(make_gateway):
     gw = make_gateway(supervision={"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.5}).start()
     before = gw.node("sensor:engine0")
