@@ -311,7 +311,37 @@ class Rig:
         self._writer_thread = threading.Thread(target=self._check_writers, daemon=True,
                                                name="writer-check")
         self._writer_thread.start()
-        self.wait_until(self.all_running, START_TIMEOUT_S, "every actor to run")
+        self.wait_until(self.ready, START_TIMEOUT_S,
+                        "every actor of the config to run and every MQTT sensor to subscribe")
+
+    def ready(self) -> bool:
+        """Every actor the config's tree has is running (a supervisor can be up before it
+        has started its children), and every MQTT sensor has its subscriptions (what a
+        broker acknowledges before that reaches no subscriber: no source could keep it)."""
+        from actors.journal.reader import JournalReader
+        from actors.sensors.mqtt import SUBSCRIPTIONS_MARK
+        from supervisors.spec import SupervisorSpec
+        from supervisors.tree import gateway_tree
+
+        assert self.gateway is not None
+        parsed = parse_config(tomllib.loads(Path(self.gateway.config_path).read_text()),
+                              self.gateway.config_path)
+        expected: set[str] = set()
+        specs = list(gateway_tree(parsed).children)
+        while specs:
+            spec = specs.pop()
+            expected.add(spec.name)
+            if isinstance(spec.settings, SupervisorSpec):
+                specs.extend(spec.settings.children)
+        nodes = self.nodes()
+        if not all(name in nodes and nodes[name]["state"] == "running" and nodes[name]["pid"]
+                   for name in expected):
+            return False
+        mqtt = [s.id for s in parsed.sensors if s.type == "mqtt"]
+        if not mqtt:
+            return True
+        with JournalReader(self.journal_path) as reader:
+            return all(SUBSCRIPTIONS_MARK in reader.source_marks(sid) for sid in mqtt)
 
     def _check_writers(self) -> None:
         """I3, watched: only the journal actor's process opens journal.db for writing."""
