@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -73,6 +74,17 @@ def read_crash_reason(data_dir: str, name: str) -> str | None:
         return reason
     except OSError:
         return None
+
+
+def latency_figures(name: str, samples: Iterable[tuple[float, float]],
+                    since: float) -> list[tuple[str, float]]:
+    """``<name>_ms_p50`` and ``<name>_ms_p99`` of the ``(monotonic time, seconds)`` samples
+    taken at or after ``since`` (none when there are none): an actor's recent latencies."""
+    recent = sorted(seconds for at, seconds in samples if at >= since)
+    if not recent:
+        return []
+    return [(f"{name}_ms_p50", round(recent[len(recent) // 2] * 1000, 2)),
+            (f"{name}_ms_p99", round(recent[len(recent) * 99 // 100] * 1000, 2))]
 
 
 def log() -> logging.Logger:

@@ -15,7 +15,7 @@ from typing import Any
 
 import apsw
 
-from actors.base import SupervisedActor, log
+from actors.base import SupervisedActor, latency_figures, log
 from actors.journal.journal import Journal
 from actors.journal.schema import JournalError
 from messages.journal import (
@@ -182,11 +182,7 @@ class JournalWriter(SupervisedActor):
             ("refused", self.refused),
             ("duplicates", self.duplicates),
         ]
-        latencies = sorted(s for at, s in self.commit_seconds if now - at <= COMMIT_WINDOW_S)
-        if latencies:
-            figures.append(("commit_ms_p50", round(latencies[len(latencies) // 2] * 1000, 2)))
-            figures.append(("commit_ms_p99",
-                            round(latencies[len(latencies) * 99 // 100] * 1000, 2)))
+        figures += latency_figures("commit", self.commit_seconds, now - COMMIT_WINDOW_S)
         if self.journal is not None:
             figures.append(("usage_bytes", self.journal.usage_bytes()))
         return figures

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from typing import Any
 
-from actors.base import SupervisedActor, log
+from actors.base import SupervisedActor, latency_figures, log
 from actors.metrics.sampler import SnapshotSampler, gateway_root
 from actors.sensors.can import CanSource
 from actors.sensors.health import HealthSource
@@ -147,12 +147,7 @@ class SensorActor(SupervisedActor):
         figures = super().figures()
         if self.outbox is not None:
             figures.extend(self.outbox.figures().items())
-        since = time.monotonic() - LATENCY_WINDOW_S
-        recent = [latency for at, latency in self.latencies if at >= since]
-        if recent:
-            ordered = sorted(recent)
-            figures.append(("ack_ms_p50", round(ordered[len(ordered) // 2] * 1000, 2)))
-            figures.append(("ack_ms_p99", round(ordered[int(len(ordered) * 0.99)] * 1000, 2)))
+        figures += latency_figures("ack", self.latencies, time.monotonic() - LATENCY_WINDOW_S)
         return figures
 
 
