@@ -12,10 +12,8 @@ from tools.drill.evidence import (
     Evidence,
     JournalFacts,
     LoadLedger,
-    Recovery,
     SocketWatch,
     excused_windows,
-    recoveries,
     sensor_acked,
     shifted,
 )
@@ -23,7 +21,7 @@ from tools.drill.loader import load_drill
 from tools.drill.report import Report, render_text
 from tools.drill.runner import Applied
 from tools.drill.spec import InvariantsSection
-from tools.harness.results import Latency, RigResults
+from tools.harness.results import Latency, Recovery, RigResults, recoveries
 from tools.harness.rig import Sample
 
 LIMITS = InvariantsSection(check=("I1",), max_commit_pause_s=2.0, commit_pause_settle_s=1.0,

@@ -3,8 +3,9 @@
 Where this sits: between `runner` (which gathers) and `checks` (which judge). `Evidence`
 bundles `RigResults` with the load's ledger, the journal's consumer facts (I4, I7), the
 sockets seen (I9), the floods sent (I8), the readings each sensor had acknowledged and the
-recovery of each actor a fault hit. The derivations from the live tree's samples and the
-fault events (`sensor_acked`, `recoveries`, `excused_windows`) are pure functions here, so the
+recovery of each actor a fault hit (`recoveries`, from the harness's read-back). The
+derivations from the live tree's samples and the fault events (`sensor_acked`,
+`excused_windows`) are pure functions here, so the
 checks are testable with hand-made figures; `read_journal_facts` is the one read of the
 journal after the rig finished.
 """
@@ -16,16 +17,14 @@ from typing import Any
 
 import attrs
 
-from tools.harness.results import RigResults
+from tools.harness.results import Recovery, RigResults
 from tools.harness.rig import Sample, walk
 
 #: Fault event targets (`FaultEvent.target`) whose fault stops commits for a good reason:
 #: the journal itself, the whole gateway (power cut), every sensor (their supervisor), the
 #: disk and the clock. I6 excuses pauses overlapping these faults.
 COMMIT_STOPPING_TARGETS = frozenset({"journal", "gateway", "sensors", "disk", "clock"})
-#: Fault event kinds after which the target should run again as a new process.
-RESTARTING_KINDS = frozenset({"SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGSEGV",
-                              "exception", "exit", "segfault", "hang", "corrupt_model"})
+
 
 
 @attrs.define
@@ -84,26 +83,6 @@ class SocketWatch:
     configured: list[str] = attrs.field(factory=list)
     #: connections to addresses beyond loopback (phoning home): {pid, process, remote}
     outbound: list[dict[str, Any]] = attrs.field(factory=list)
-
-
-@attrs.define
-class Recovery:
-    """How long until an actor a fault hit ran again as a new process."""
-
-    target: str
-    kind: str
-    #: when the fault hit (rig seconds)
-    at_s: float
-    #: seconds from the fault until it ran again (None: not seen)
-    recovered_s: float | None
-    #: "recovered", "kept running" (the same process ran on), "not running" (the last sample
-    #: after the fault shows it down) or "unknown" (no sample after the fault)
-    outcome: str
-    #: the last sample of the tree after the fault (rig seconds; None: none)
-    last_seen_s: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
 
 
 @attrs.define
@@ -166,47 +145,6 @@ def sensor_acked(samples: Iterable[Sample]) -> dict[str, int]:
     for (sensor, _), acked in best.items():
         totals[sensor] = totals.get(sensor, 0) + acked
     return totals
-
-
-def _node(tree: dict[str, Any], name: str) -> dict[str, Any] | None:
-    return next((n for n in walk(tree) if n["name"] == name), None)
-
-
-def recoveries(events: Sequence[dict[str, Any]], samples: Sequence[Sample]) -> list[Recovery]:
-    """For each fault that should restart its target (`RESTARTING_KINDS`) and the power cuts:
-    how long until the target ran again as a new process (another pid, or a higher restart
-    count), judged from the samples of the tree after the fault."""
-    ordered = sorted(samples, key=lambda s: s.at_s)
-    found = []
-    for event in events:
-        kind, target, at = event["kind"], event["target"], event["at_s"]
-        if kind == "power_cut":
-            took = event.get("recovered_s")
-            found.append(Recovery(target, kind, at, took,
-                                  "recovered" if took is not None else "not running",
-                                  event.get("ended_s")))
-            continue
-        if kind not in RESTARTING_KINDS:
-            continue
-        if kind == "corrupt_model":
-            target = "model"
-        before = [s for s in ordered if s.at_s <= at]
-        node = _node(before[-1].tree, target) if before else None
-        restarts_before = node.get("restarts", 0) if node else 0
-        pid = event.get("pid") or (node.get("pid") if node else None)
-        outcome, recovered, last_seen = "unknown", None, None
-        for sample in (s for s in ordered if s.at_s > at):
-            now = _node(sample.tree, target)
-            if now is None:
-                continue
-            last_seen = sample.at_s
-            running = now["state"] == "running" and now.get("pid")
-            if running and (now["pid"] != pid or now.get("restarts", 0) > restarts_before):
-                outcome, recovered = "recovered", round(sample.at_s - at, 3)
-                break
-            outcome = "kept running" if running else "not running"
-        found.append(Recovery(target, kind, at, recovered, outcome, last_seen))
-    return found
 
 
 def excused_windows(events: Sequence[dict[str, Any]], found: Sequence[Recovery],

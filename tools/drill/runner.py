@@ -47,6 +47,7 @@ from tools.drill.spec import (
     signal_of,
 )
 from tools.drill.timeline import Step
+from tools.harness.results import recoveries
 from tools.harness.rig import Rig, RigError, Sample
 
 #: Seconds without a new load message in the journal after which the settle wait gives up
@@ -294,7 +295,7 @@ class DrillRun:
         rig = self.rig
         results = ev.shifted(results, self.t0)
         samples = [Sample(round(s.at_s - self.t0, 3), s.tree) for s in rig.all_samples()]
-        found = ev.recoveries(results.events, samples)
+        found = recoveries(results.events, samples)
         limits = self.drill.file.invariants
         load = None
         if self.load is not None:

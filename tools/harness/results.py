@@ -10,12 +10,19 @@ while it ran (samples of the tree: restarts, commit pauses, journal writers; fau
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from tools.harness.rig import Sample, walk
+
 if TYPE_CHECKING:
     from tools.harness.rig import Rig
+
+#: Fault event kinds after which the target should run again as a new process.
+RESTARTING_KINDS = frozenset({"SIGKILL", "SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGSEGV",
+                              "exception", "exit", "segfault", "hang", "corrupt_model"})
 
 
 @attrs.define
@@ -26,6 +33,26 @@ class Latency:
     p50_s: float | None = None
     p99_s: float | None = None
     max_s: float | None = None
+
+
+@attrs.define
+class Recovery:
+    """How long until an actor a fault hit ran again as a new process."""
+
+    target: str
+    kind: str
+    #: when the fault hit (rig seconds)
+    at_s: float
+    #: seconds from the fault until it ran again (None: not seen)
+    recovered_s: float | None
+    #: "recovered", "kept running" (the same process ran on), "not running" (the last sample
+    #: after the fault shows it down) or "unknown" (no sample after the fault)
+    outcome: str
+    #: the last sample of the tree after the fault (rig seconds; None: none)
+    last_seen_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
 
 
 @attrs.define
@@ -80,7 +107,6 @@ def percentiles(values: list[float]) -> Latency:
 
 def collect(rig: Rig, exit_status: int | None, drained: bool) -> RigResults:
     from actors.journal.reader import JournalReader
-    from tools.harness.rig import walk
 
     with JournalReader(rig.journal_path) as reader:
         stats = reader.stats()
@@ -142,3 +168,44 @@ def central_side(rig: Rig, reader: Any, generation: str) -> tuple[bool, list[dic
     finally:
         backend.close()
     return True, rows, percentiles(latencies)
+
+
+def _node(tree: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((n for n in walk(tree) if n["name"] == name), None)
+
+
+def recoveries(events: Sequence[dict[str, Any]], samples: Sequence[Sample]) -> list[Recovery]:
+    """For each fault that should restart its target (`RESTARTING_KINDS`) and the power cuts:
+    how long until the target ran again as a new process (another pid, or a higher restart
+    count), judged from the samples of the tree after the fault."""
+    ordered = sorted(samples, key=lambda s: s.at_s)
+    found = []
+    for event in events:
+        kind, target, at = event["kind"], event["target"], event["at_s"]
+        if kind == "power_cut":
+            took = event.get("recovered_s")
+            found.append(Recovery(target, kind, at, took,
+                                  "recovered" if took is not None else "not running",
+                                  event.get("ended_s")))
+            continue
+        if kind not in RESTARTING_KINDS:
+            continue
+        if kind == "corrupt_model":
+            target = "model"
+        before = [s for s in ordered if s.at_s <= at]
+        node = _node(before[-1].tree, target) if before else None
+        restarts_before = node.get("restarts", 0) if node else 0
+        pid = event.get("pid") or (node.get("pid") if node else None)
+        outcome, recovered, last_seen = "unknown", None, None
+        for sample in (s for s in ordered if s.at_s > at):
+            now = _node(sample.tree, target)
+            if now is None:
+                continue
+            last_seen = sample.at_s
+            running = now["state"] == "running" and now.get("pid")
+            if running and (now["pid"] != pid or now.get("restarts", 0) > restarts_before):
+                outcome, recovered = "recovered", round(sample.at_s - at, 3)
+                break
+            outcome = "kept running" if running else "not running"
+        found.append(Recovery(target, kind, at, recovered, outcome, last_seen))
+    return found

@@ -639,21 +639,15 @@ class Rig:
         return event.recovered_s
 
     def fill_recoveries(self) -> None:
-        """For faults nobody waited on (a drill's timeline): when did the target run again?
-        The first sample after the fault showing it running with another pid (or, for a
-        fault that does not end the process, running again after the fault ended)."""
-        samples = self.all_samples()
+        """For faults nobody waited on (a drill's timeline): how long until the target ran
+        again, judged from the samples of the tree (`results.recoveries`)."""
+        from tools.harness.results import recoveries
+
+        found = {(r.kind, r.at_s): r.recovered_s
+                 for r in recoveries([e.to_json() for e in self.events], self.all_samples())}
         for event in self.events:
-            if event.recovered_s is not None or event.pid is None or event.target == "gateway":
-                continue
-            for sample in samples:
-                if sample.at_s <= event.at_s:
-                    continue
-                node = next((n for n in walk(sample.tree) if n["name"] == event.target), None)
-                if node is not None and node["state"] == "running" and node["pid"] and \
-                        node["pid"] != event.pid:
-                    event.recovered_s = round(sample.at_s - event.at_s, 3)
-                    break
+            if event.recovered_s is None:
+                event.recovered_s = found.get((event.kind, event.at_s))
 
     def all_samples(self) -> list[Sample]:
         samples = list(self.samples)
