@@ -103,6 +103,7 @@ class SupervisedActor(ActorTypeDispatcher):
         self.parent: Any = None
         self.data_dir: str | None = None
         self.fault_injection = False
+        self.journal_key_file = ""
         self.started_mono = time.monotonic()
         self._timers: set[str] = set()
         self.initialised = False
@@ -153,6 +154,7 @@ class SupervisedActor(ActorTypeDispatcher):
         self.parent = sender
         self.data_dir = msg.data_dir
         self.fault_injection = msg.fault_injection
+        self.journal_key_file = msg.journal_key_file
         self.started_mono = time.monotonic()
         if msg.nice:
             os.nice(msg.nice)

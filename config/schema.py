@@ -6,6 +6,7 @@ Each field says what it means and what 0 or empty means.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import attrs
@@ -81,6 +82,30 @@ class JournalSettings:
     #: reason, time) for operators: at most this many, the oldest go first (the per-sensor
     #: totals still count them). `fleetgw journal quarantine` lists them.
     quarantine_max_rows: int = attrs.field(default=10_000, validator=_positive)
+    #: Encryption at rest: the key file (mode 0600; `fleetgw journal key new`) whose keys seal
+    #: every reading's values in the journal, so a stolen SD card yields no telemetry. A
+    #: relative path is under DATA_DIR. Created on first start if missing while nothing is
+    #: sealed; a journal with sealed records refuses to start without its key. Empty: values
+    #: stored in clear (a warning at start).
+    key_file: str = attrs.field(default="")
+
+    @key_file.validator
+    def _check_key_file(self, attr: attrs.Attribute, value: str) -> None:
+        if any(c in value for c in "\n\r\0"):
+            raise FieldProblem("key_file", f"must not contain line breaks or NUL (got {value!r})")
+
+    def key_path(self, data_dir: str) -> str:
+        """The key file, resolved against ``data_dir`` ("" = no encryption). Environment
+        variables are expanded, so a systemd credential works:
+        ``key_file = "${CREDENTIALS_DIRECTORY}/journal.key"``. ValueError if one is unset."""
+        if not self.key_file:
+            return ""
+        path = os.path.expandvars(os.path.expanduser(self.key_file))
+        if "$" in path:
+            raise ValueError(f"[journal] key_file {self.key_file!r}: an environment variable "
+                             "in it is not set (systemd sets CREDENTIALS_DIRECTORY only with "
+                             "LoadCredential=)")
+        return os.path.join(data_dir, path)
 
     @disk_budget_bytes.validator
     def _check_budget(self, attr: attrs.Attribute, value: int) -> None:

@@ -109,6 +109,7 @@ class Supervisor(SupervisedActor):
                 peers=tuple(self.peers.items()),
                 data_dir=self.data_dir,
                 fault_injection=self.fault_injection,
+                journal_key_file=self.journal_key_file,
                 nice=rec.spec.nice,
             ),
         )

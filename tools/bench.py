@@ -37,11 +37,13 @@ WARM_UP_S = 2.0
 MIN_PHASE_S = 3.0
 
 
-def _config(sensors: int, rate_hz: float, port: int) -> str:
+def _config(sensors: int, rate_hz: float, port: int, sealed: bool = False) -> str:
     lines = [
         "[gateway]", 'device_id = "bench-001"', f"admin_port = {port}", "status_interval_s = 0",
         "[journal]", 'synchronous = "FULL"', "disk_budget_bytes = 8589934592",
     ]
+    if sealed:  # encryption at rest (the key is made on the first start)
+        lines.append('key_file = "journal.key"')
     for i in range(sensors):
         lines += [
             "[[sensors]]", f'id = "imu{i}"', 'kind = "imu"', f"rate_hz = {rate_hz}",
@@ -130,12 +132,13 @@ def raw_apsw_rate(source_db: str, workdir: str, max_rows: int = 300_000) -> floa
     return len(rows) / elapsed
 
 
-def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> dict:
+def run_bench(seconds: float, sensors: int, rate: float | None, port: int,
+              sealed: bool = False) -> dict:
     workdir = tempfile.mkdtemp(prefix="fleetgw-bench-")
     try:
         # Phase 1: saturate the journal.
         offered = rate or 1_000_000.0
-        gw = start_gateway(workdir, "throughput", _config(sensors, offered, port), port)
+        gw = start_gateway(workdir, "throughput", _config(sensors, offered, port, sealed), port)
         try:
             _wait_records(port, 5000, 60)
             time.sleep(WARM_UP_S)  # let the queues settle
@@ -149,7 +152,8 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
         raw = raw_apsw_rate(gw.journal_path, workdir)
         # Phase 2: ack latency at half the sustained rate.
         steady = max(10.0, readings_per_s / 2 / sensors)
-        gw2 = start_gateway(workdir, "latency", _config(sensors, steady, port + 1), port + 1)
+        gw2 = start_gateway(workdir, "latency", _config(sensors, steady, port + 1, sealed),
+                            port + 1)
         try:
             _wait_records(port + 1, 1000, 60)
             # The sensors report latency over their last LATENCY_WINDOW_S: let the window see
@@ -170,6 +174,7 @@ def run_bench(seconds: float, sensors: int, rate: float | None, port: int) -> di
             "sensors": sensors,
             "seconds": seconds,
             "synchronous": "FULL",
+            "payloads": "sealed" if sealed else "clear",
             "cpus": os.cpu_count(),
         }
     finally:
@@ -187,6 +192,6 @@ def print_result(result: dict, as_json: bool) -> None:
 
 
 def bench_journal_command(seconds: float, sensors: int, rate: float | None, port: int,
-                          as_json: bool) -> int:
-    print_result(run_bench(seconds, sensors, rate, port), as_json)
+                          sealed: bool, as_json: bool) -> int:
+    print_result(run_bench(seconds, sensors, rate, port, sealed), as_json)
     return 0

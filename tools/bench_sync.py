@@ -199,7 +199,7 @@ def _p3_backlog(journal: str) -> int:
     from actors.journal.reader import JournalReader
 
     with JournalReader(journal) as reader:
-        return sum(reader.lane_backlog("P3", reader.consumer_state("router")[0]).values())
+        return sum(reader.lane_backlog("P3", reader.cursor("router")).values())
 
 
 def run_bench(backlog_s: float, drain_s: float, rate_hz: float, rate_bytes_s: float,

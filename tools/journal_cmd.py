@@ -121,11 +121,12 @@ def stats_command(db: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-def verify_command(db: str) -> int:
-    """Check integrity and I2; 0 only if both hold, 1 with the problems listed, 2 if there is no
-    journal at ``db``."""
+def verify_command(db: str, key_file: str | None = None) -> int:
+    """Check integrity and I2 (and, with ``key_file``, that every sealed payload opens); 0 only
+    if all hold, 1 with the problems listed, 2 if there is no journal at ``db`` or the key file
+    cannot be used."""
     try:
-        with open_readonly(db) as reader:
+        with open_readonly(db, key_file) as reader:
             report = reader.verify()
     except JournalError as exc:
         print(f"fleetgw journal verify: {exc}", file=sys.stderr)
@@ -133,14 +134,103 @@ def verify_command(db: str) -> int:
     except apsw.Error as exc:  # damaged beyond what the checks can read
         print(f"FAILED: {db}: the journal cannot be read: {exc}")
         return EXIT_PROBLEMS
+    sealed = sum(n for _, n in report.sealed_by_key)
+    if sealed:
+        per_key = ", ".join(f"key id {k}: {n}" for k, n in report.sealed_by_key)
+        opened = (f"all {report.payloads_opened} opened and authentic" if key_file else
+                  "not opened: give --key-file to check them")
+        seal_line = f"sealed payloads ({per_key}): {opened}"
+    else:
+        seal_line = "no sealed payloads"
     if report.ok:
         print(
             f"ok: {db}: integrity ok; I2 holds for {report.devices_checked} devices "
             f"({report.records_checked} records + {report.evicted_checked} evicted: "
-            "seqs 1..max, no gap, counters match)"
+            f"seqs 1..max, no gap, counters match); {seal_line}"
         )
         return EXIT_OK
-    print(f"FAILED: {db}: {len(report.problems)} problems")
+    print(f"FAILED: {db}: {len(report.problems)} problems ({seal_line})")
     for problem in report.problems:
         print(f"  {problem}")
     return EXIT_PROBLEMS
+
+
+def key_command(action: str, key_file: str, db: str | None) -> int:
+    """`fleetgw journal key new|rotate|show`: make, extend or describe a journal key file (key
+    material is never printed: ids and fingerprints only). ``db`` (show): how many records
+    each key seals there, and whether the file fits that journal. 0 done, 2 refused."""
+    from actors.journal.keys import (
+        check_keyring,
+        create_key_file,
+        load_keyring,
+        rotate_key_file,
+    )
+
+    try:
+        if action == "new":
+            ring = create_key_file(key_file)
+            print(f"created {key_file} (mode 0600) with key id 1, fingerprint "
+                  f"{ring.fingerprint(1)[:16]}; set [journal] key_file to it and keep a copy "
+                  "somewhere safe: without it the journal cannot be read")
+            return EXIT_OK
+        if action == "rotate":
+            ring = rotate_key_file(key_file)
+            print(f"added key id {ring.active_id} (fingerprint "
+                  f"{ring.fingerprint(ring.active_id)[:16]}) to {key_file}: it seals new "
+                  "records from the gateway's next start; keep the older ids until "
+                  "`fleetgw journal verify` shows no record needs them")
+            return EXIT_OK
+        ring = load_keyring(key_file)
+        counts: dict[int, int] = {}
+        if db is not None:
+            with open_readonly(db) as reader:
+                report = reader.verify()
+                counts = dict(report.sealed_by_key)
+            conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+            try:
+                retired = check_keyring(conn, db, ring)
+            finally:
+                conn.close()
+    except JournalError as exc:  # a JournalKeyError too: missing, wrong, too open
+        print(f"fleetgw journal key {action}: {exc}", file=sys.stderr)
+        return EXIT_NO_JOURNAL
+    print(f"{key_file}: {len(ring.ids)} key(s); new records are sealed with key id "
+          f"{ring.active_id}")
+    rows = [(i, ring.fingerprint(i)[:16], "yes" if i == ring.active_id else "",
+             counts.get(i, 0) if db is not None else "-") for i in ring.ids]
+    print("\n".join(_table(("ID", "FINGERPRINT", "ACTIVE", "SEALED IN DB"), rows)))
+    if db is not None:
+        print(f"fits {db}" + (f" (key ids {retired} of the journal are retired: no record "
+                              "needs them)" if retired else ""))
+    return EXIT_OK
+
+
+def downgrade_command(db: str, to_version: int, key_file: str | None) -> int:
+    """`fleetgw journal downgrade`: the journal back to schema ``to_version`` for a rollback.
+    0 done (or nothing to do), 1 failed and left unchanged, 2 refused (a gateway holds the
+    journal, a key is needed, bad --to, no journal)."""
+    from actors.journal.actor import WriterLocked
+    from actors.journal.downgrade import downgrade
+    from actors.journal.keys import JournalKeyError, load_keyring
+    from actors.journal.schema import NotAJournal, SchemaTooNew
+
+    try:
+        ring = load_keyring(key_file) if key_file else None
+        found = downgrade(db, to_version, ring)
+    except ValueError as exc:
+        print(f"fleetgw journal downgrade: {exc}", file=sys.stderr)
+        return EXIT_NO_JOURNAL
+    except (JournalKeyError, NotAJournal, SchemaTooNew, WriterLocked) as exc:
+        print(f"fleetgw journal downgrade: refused: {exc}", file=sys.stderr)
+        return EXIT_NO_JOURNAL
+    except JournalError as exc:
+        print(f"fleetgw journal downgrade: FAILED: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    if found <= to_version:
+        print(f"{db}: schema v{found}, already at or below v{to_version}: nothing to do")
+    else:
+        print(f"{db}: taken from schema v{found} back to v{to_version}; every record, cursor "
+              f"and watermark kept (payloads in clear: v{to_version} has no encryption at rest)"
+              if found >= 6 > to_version else
+              f"{db}: taken from schema v{found} back to v{to_version}; everything kept")
+    return EXIT_OK

@@ -10,9 +10,11 @@ beyond the disk budget are refused, not raised, and never cost committed data (I
 - `journal`: `Journal`, the writer (the journal actor wraps it)
 - `reader`: `JournalReader`, `Record`, stats and verify (also used by `fleetgw journal`)
 - `schema`: tables, versioned migrations, the errors of opening a journal
+- `keys`: encryption at rest — the key ring, sealing payloads, checking a ring against a journal
 """
 
 from actors.journal.journal import Journal
+from actors.journal.keys import JournalKeyError, KeyRing, load_keyring
 from actors.journal.reader import (
     JournalReader,
     JournalStats,
@@ -31,13 +33,16 @@ from actors.journal.schema import (
 __all__ = [
     "Journal",
     "JournalError",
+    "JournalKeyError",
     "JournalNotFound",
     "JournalReader",
     "JournalStats",
+    "KeyRing",
     "NotAJournal",
     "Record",
     "SchemaTooNew",
     "SchemaTooOld",
     "VerifyReport",
+    "load_keyring",
     "open_readonly",
 ]

@@ -17,7 +17,8 @@ import apsw
 
 from actors.base import SupervisedActor, latency_figures, log
 from actors.journal.journal import Journal
-from actors.journal.schema import JournalError
+from actors.journal.keys import keyring_from
+from actors.journal.schema import SCHEMA_VERSION, JournalError
 from messages.journal import (
     AdvanceWatermark,
     Append,
@@ -47,6 +48,10 @@ def journal_path(data_dir: str) -> str:
     return os.path.join(data_dir, "journal.db")
 
 
+class WriterLocked(JournalError):
+    """Another process (a running gateway's journal) holds the journal's writer lock."""
+
+
 def take_writer_lock(db_path: str) -> int:
     """An exclusive flock next to the journal, held for this writer's life: a second writer
     (I3) fails to start instead of writing. The kernel drops it when the process dies."""
@@ -57,7 +62,7 @@ def take_writer_lock(db_path: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise JournalError(
+        raise WriterLocked(
             db_path, f"another journal writer holds {db_path}: refusing to be a second writer "
             "(I3)") from None
     return fd
@@ -92,7 +97,16 @@ class JournalWriter(SupervisedActor):
             disk_budget_bytes=self.settings.disk_budget_bytes,
             refused_retry_s=self.settings.refused_retry_s,
             quarantine_max_rows=self.settings.quarantine_max_rows,
+            keyring=keyring_from(self.journal_key_file),
         )
+        found = self.journal.migrated_from
+        if 0 < found < SCHEMA_VERSION:
+            log().warning("journal %s migrated from schema v%d to v%d (generation %s kept); "
+                          "a release older than this one can no longer open it",
+                          self.journal.path, found, SCHEMA_VERSION, self.journal.generation())
+        if self.journal.retired_key_ids:
+            log().info("journal key ids %s are retired: no record needs them",
+                       self.journal.retired_key_ids)
 
     def committed(self, count: int, started: float) -> None:
         """A commit of ``count`` records that began at monotonic ``started`` is done."""

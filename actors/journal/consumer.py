@@ -19,6 +19,7 @@ from typing import Any
 
 from actors.base import SupervisedActor, log
 from actors.journal.actor import journal_path
+from actors.journal.keys import keyring_from
 from actors.journal.reader import JournalReader, Record
 from actors.journal.schema import JournalError
 from messages.journal import (
@@ -79,8 +80,9 @@ class ConsumerActor(SupervisedActor):
         creating the file: then try again at the next poll)."""
         if self.reader is not None:
             return True
+        keyring = keyring_from(self.journal_key_file)  # a bad key file crashes: not a retry
         try:
-            self.reader = JournalReader(journal_path(self.data_dir))
+            self.reader = JournalReader(journal_path(self.data_dir), keyring)
         except JournalError:
             return False
         self.restore()

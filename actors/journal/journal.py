@@ -20,6 +20,12 @@ from itertools import groupby, repeat
 
 import apsw
 
+from actors.journal.keys import (
+    SEAL_OVERHEAD_BYTES,
+    KeyRing,
+    check_keyring,
+    register_active_key,
+)
 from actors.journal.reader import (
     JournalStats,
     Record,
@@ -27,6 +33,7 @@ from actors.journal.reader import (
     collect_stats,
     db_usage,
     read_consumer_state,
+    read_cursor,
     read_meta,
     read_records,
     read_watermarks,
@@ -94,22 +101,25 @@ EVICTION_ORDER = ("expired", "policy_dropped", "synced", "aggregated", "oldest_p
 DEAD_INCARNATION_GRACE_NS = 10 * 60 * 10**9
 
 _INSERT_RECORD = (
-    "INSERT INTO records(device_id, seq, sensor_id, ts, kind, payload, committed_ns) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
-)
-_INSERT_RECORD_AT = (
-    "INSERT INTO records(pos, device_id, seq, sensor_id, ts, kind, payload, committed_ns) "
+    "INSERT INTO records(device_id, seq, sensor_id, ts, kind, payload, committed_ns, key_id) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_ROUTED_AT = (
-    "INSERT INTO records(pos, device_id, seq, sensor_id, ts, kind, payload, committed_ns, lane) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_RECORD_AT = (
+    "INSERT INTO records(pos, device_id, seq, sensor_id, ts, kind, payload, committed_ns, "
+    "key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_ROUTED_AT = (
+    "INSERT INTO records(pos, device_id, seq, sensor_id, ts, kind, payload, committed_ns, "
+    "key_id, lane) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# A commit without state (?6 NULL) keeps the state (and the key that sealed it) it had.
 _SET_CURSOR = (
-    "INSERT INTO cursors(consumer, pos, updated_ns, last_request_id, last_ranges, state) "
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(consumer) DO UPDATE SET pos = excluded.pos, "
-    "updated_ns = excluded.updated_ns, last_request_id = excluded.last_request_id, "
-    "last_ranges = excluded.last_ranges, state = coalesce(?6, state)"
+    "INSERT INTO cursors(consumer, pos, updated_ns, last_request_id, last_ranges, state, "
+    "state_key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(consumer) DO UPDATE SET "
+    "pos = excluded.pos, updated_ns = excluded.updated_ns, "
+    "last_request_id = excluded.last_request_id, last_ranges = excluded.last_ranges, "
+    "state = coalesce(?6, state), "
+    "state_key_id = CASE WHEN ?6 IS NULL THEN state_key_id ELSE ?7 END"
 )
 _ROUTE = (
     "UPDATE records SET lane = ?2, rule = ?3, drop_reason = ?4, expires_ns = ?5 "
@@ -169,6 +179,7 @@ class Journal:
         refused_retry_s: float = DEFAULT_REFUSED_RETRY_S,
         p1_reserve_fraction: float = DEFAULT_P1_RESERVE_FRACTION,
         quarantine_max_rows: int = DEFAULT_QUARANTINE_MAX_ROWS,
+        keyring: KeyRing | None = None,
     ) -> None:
         if quarantine_max_rows <= 0:
             raise ValueError(f"quarantine_max_rows must be > 0 (got {quarantine_max_rows!r})")
@@ -202,6 +213,13 @@ class Journal:
             # The highest Position committed; advanced only after a COMMIT returned.
             self._last_pos = int(read_meta(self._conn, "last_pos"))
             self._size_wal(disk_budget_bytes)
+            #: Seals new payloads (None: stored in clear). A wrong or missing key is refused
+            #: here, before anything is written (keys.check_keyring).
+            self.keyring = keyring
+            self.retired_key_ids = check_keyring(self._conn, self.path, keyring)
+            if keyring is not None:
+                with self._conn:
+                    register_active_key(self._conn, keyring, clock_ns())
         except BaseException:
             self._conn.close()
             raise
@@ -278,8 +296,9 @@ class Journal:
             repeat(batch.sensor_id),
             batch.ts,
             batch.kinds,
-            batch.payloads,
+            batch.payloads if self.keyring is None else self.keyring.seal_texts(batch.payloads),
             repeat(now),
+            repeat(None if self.keyring is None else self.keyring.active_id),
         )
         # SQLite numbers new rows max(pos) + 1: exactly the next positions while the highest
         # record is still there, and binding no pos is ~5% faster (measured). If the tail was
@@ -336,11 +355,11 @@ class Journal:
         wal = wal_now if wal_bytes is None else wal_bytes
         return db_bytes + max(wal, self._wal_reserve) + need - limit
 
-    @staticmethod
-    def _need(batches: tuple[ReadingBatch, ...]) -> int:
+    def _need(self, batches: tuple[ReadingBatch, ...]) -> int:
         """What the budget check assumes inserting ``batches`` adds (pages and WAL copies)."""
+        per_record = INDEX_ENTRY_BYTES + (0 if self.keyring is None else SEAL_OVERHEAD_BYTES)
         return (
-            sum(2 * (b.nbytes + INDEX_ENTRY_BYTES * len(b)) for b in batches)
+            sum(2 * (b.nbytes + per_record * len(b)) for b in batches)
             + COMMIT_OVERHEAD_BYTES
         )
 
@@ -590,11 +609,14 @@ class Journal:
     def _quarantine(self, sensor_id: str, items: tuple[QuarantinedInput, ...], now: int) -> None:
         """Add ``items`` to the quarantine, trim it to ``quarantine_max_rows`` (oldest first)
         and move the sensor's totals. Inside the caller's transaction."""
+        ring = self.keyring
+        raws = [q.raw for q in items] if ring is None else ring.seal([q.raw for q in items])
+        key_id = None if ring is None else ring.active_id
         self._conn.executemany(
             "INSERT INTO quarantine(sensor_id, source, reason, raw, raw_len, received_ns, "
-            "committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(sensor_id, q.source, q.reason, q.raw, q.raw_len if q.raw_len >= 0 else len(q.raw),
-              q.received_ns, now) for q in items],
+            "committed_ns, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(sensor_id, q.source, q.reason, raw, q.raw_len if q.raw_len >= 0 else len(q.raw),
+              q.received_ns, now, key_id) for q, raw in zip(items, raws, strict=True)],
         )
         (rows, max_id) = self._conn.execute(
             "SELECT count(*), max(id) FROM quarantine").fetchone()
@@ -665,7 +687,7 @@ class Journal:
     def read(self, after: Position, limit: int) -> list[Record]:
         """Up to ``limit`` records after ``after``, in position order (consumers normally
         read through their own `JournalReader`)."""
-        return read_records(self._conn, after, limit)
+        return read_records(self._conn, after, limit, self.keyring)
 
     def commit_consumer(self, commit: ConsumerCommit) -> ConsumerCommitted | ConsumerCommitRefused:
         """Commit everything ``commit`` carries and move the consumer's cursor, in one
@@ -750,7 +772,7 @@ class Journal:
                         now,
                         commit.request_id,
                         ranges_to_json(ranges),
-                        commit.state,
+                        *self._sealed_state(commit.state),
                     ),
                 )
         except apsw.FullError as exc:
@@ -782,17 +804,20 @@ class Journal:
                 _COUNT_DROPS, [(r, lane, n, b) for (r, lane), (n, b) in counts.items()]
             )
 
+    def _sealed_state(self, state: str | None) -> tuple[str | bytes | None, int | None]:
+        """A consumer's state as stored, and the key id that sealed it."""
+        if state is None or self.keyring is None:
+            return state, None
+        return self.keyring.seal_texts([state])[0], self.keyring.active_id
+
     def consumer_state(self, consumer: str) -> tuple[Position, str | None]:
         """The consumer's durable cursor and the state it committed with it: where a
         restarted consumer resumes ((START, None) if it never committed)."""
-        return read_consumer_state(self._conn, consumer)
+        return read_consumer_state(self._conn, consumer, self.keyring)
 
     def cursor(self, consumer: str) -> Position:
         """The consumer's durable cursor; START if it never committed."""
-        row = self._conn.execute(
-            "SELECT pos FROM cursors WHERE consumer = ?", (consumer,)
-        ).fetchone()
-        return Position(row[0]) if row else START
+        return read_cursor(self._conn, consumer)
 
     def last_position(self) -> Position:
         """The highest committed Position (positions are never reused)."""
@@ -839,7 +864,7 @@ class Journal:
         return collect_stats(self._conn, self.path, self.disk_budget_bytes, self._clock_ns())
 
     def verify(self) -> VerifyReport:
-        return verify_journal(self._conn, self.path)
+        return verify_journal(self._conn, self.path, self.keyring)
 
     def close(self) -> None:
         """Close the connection (PRAGMA optimize first: keeps the query planner's stats fresh)."""

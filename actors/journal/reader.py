@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import apsw
 import attrs
 
+from actors.journal.keys import JournalKeyError, KeyRing, load_keyring
 from actors.journal.schema import BUSY_TIMEOUT_MS, JournalNotFound, NotAJournal, check_readable
 from messages.journal import LANES, UNROUTED, Position
 from messages.readings import Value, decode_values
@@ -42,6 +43,10 @@ class Record:
     def values(self) -> dict[str, Value]:
         """The reading's values, decoded from ``payload``."""
         return decode_values(self.payload)
+
+
+#: The columns `to_records` turns into Records (key_id: what sealed the payload, NULL: clear).
+RECORD_COLUMNS = "pos, device_id, seq, sensor_id, ts, kind, payload, key_id"
 
 
 @attrs.frozen(slots=True)
@@ -235,6 +240,10 @@ class VerifyReport:
     problems: tuple[str, ...]
     #: Seqs accounted for by eviction's runs (they complete the cover of 1..last_seq).
     evicted_checked: int = 0
+    #: (key id, records + quarantined inputs sealed with it), for every key still needed.
+    sealed_by_key: tuple[tuple[int, int], ...] = ()
+    #: Sealed payloads whose MAC was checked (all of them when a key ring was given).
+    payloads_opened: int = 0
 
     @property
     def ok(self) -> bool:
@@ -291,23 +300,55 @@ def _has_seq_index(conn: apsw.Connection) -> bool:
     return False
 
 
-def read_records(conn: apsw.Connection, after: Position, limit: int) -> list[Record]:
+def to_records(rows: Iterable[tuple], keyring: KeyRing | None) -> list[Record]:
+    """Records from rows of ``RECORD_COLUMNS``, each sealed payload opened with ``keyring``
+    (JournalKeyError if it cannot be: no ring, a key it lacks, a damaged record)."""
+    out = []
+    for pos, device_id, seq, sensor_id, ts, kind, payload, key_id in rows:
+        if key_id is not None:
+            if keyring is None:
+                raise JournalKeyError(
+                    "", f"record {device_id}/{seq} is sealed with key id {key_id} and no "
+                    "journal key file was given (--key-file, or [journal] key_file)")
+            payload = keyring.open(key_id, payload, f"record {device_id}/{seq}").decode()
+        out.append(Record(Position(pos), device_id, seq, sensor_id, ts, kind, payload))
+    return out
+
+
+def read_records(conn: apsw.Connection, after: Position, limit: int,
+                 keyring: KeyRing | None = None) -> list[Record]:
     """Up to ``limit`` records with position > ``after``, in position order."""
     rows = conn.execute(
-        "SELECT pos, device_id, seq, sensor_id, ts, kind, payload FROM records "
+        f"SELECT {RECORD_COLUMNS} FROM records "
         "WHERE pos > ? ORDER BY pos LIMIT ?",
         (after.value, limit),
     )
-    return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    return to_records(rows, keyring)
 
 
-def read_consumer_state(conn: apsw.Connection, consumer: str) -> tuple[Position, str | None]:
+def read_consumer_state(conn: apsw.Connection, consumer: str,
+                        keyring: KeyRing | None = None) -> tuple[Position, str | None]:
     """A consumer's durable cursor and the state it stored with it ((START, None) if it never
-    committed)."""
+    committed); a sealed state is opened with ``keyring``."""
     row = conn.execute(
-        "SELECT pos, state FROM cursors WHERE consumer = ?", (consumer,)
+        "SELECT pos, state, state_key_id FROM cursors WHERE consumer = ?", (consumer,)
     ).fetchone()
-    return (Position(row[0]), row[1]) if row else (Position(0), None)
+    if row is None:
+        return Position(0), None
+    pos, state, key_id = row
+    if key_id is not None:
+        what = f"the state of consumer {consumer}"
+        if keyring is None:
+            raise JournalKeyError(conn.filename, f"{what} is sealed with key id {key_id} and no "
+                                  "journal key file was given")
+        state = keyring.open(key_id, state, what).decode()
+    return Position(pos), state
+
+
+def read_cursor(conn: apsw.Connection, consumer: str) -> Position:
+    """A consumer's durable cursor (START if it never committed); needs no key."""
+    row = conn.execute("SELECT pos FROM cursors WHERE consumer = ?", (consumer,)).fetchone()
+    return Position(row[0]) if row else Position(0)
 
 
 def _lane_stats(conn: apsw.Connection, now_ns: int) -> tuple[LaneStats, ...]:
@@ -444,7 +485,36 @@ def _first_gaps(conn: apsw.Connection, device_id: str, limit: int = 3) -> list[s
     return found
 
 
-def verify_journal(conn: apsw.Connection, path: str) -> VerifyReport:
+def _verify_sealed(conn: apsw.Connection, keyring: KeyRing | None,
+                   problems: list[str]) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Count what each key sealed; with ``keyring``, open (authenticate) every sealed payload
+    and quarantined input, listing the first few that fail."""
+    counts: dict[int, int] = {}
+    for table in ("records", "quarantine"):
+        for key_id, n in conn.execute(
+                f"SELECT key_id, count(*) FROM {table} WHERE key_id IS NOT NULL GROUP BY key_id"):
+            counts[key_id] = counts.get(key_id, 0) + n
+    opened = failed = 0
+    if keyring is not None and counts:
+        rows = conn.execute(
+            "SELECT 'record ' || device_id || '/' || seq, key_id, payload FROM records "
+            "WHERE key_id IS NOT NULL UNION ALL SELECT 'quarantined input ' || id, key_id, raw "
+            "FROM quarantine WHERE key_id IS NOT NULL")
+        for what, key_id, sealed in rows:
+            try:
+                keyring.open(key_id, sealed, what)
+                opened += 1
+            except JournalKeyError as exc:
+                failed += 1
+                if failed <= 5:
+                    problems.append(f"sealed: {exc}")
+        if failed > 5:
+            problems.append(f"sealed: ... {failed} payloads in all do not open")
+    return tuple(sorted(counts.items())), opened
+
+
+def verify_journal(conn: apsw.Connection, path: str,
+                   keyring: KeyRing | None = None) -> VerifyReport:
     """SQLite's integrity check plus I2: per device, the seqs present plus the runs eviction
     removed cover exactly 1..max (no gap, no overlap) and ``devices.last_seq`` equals that max.
 
@@ -452,6 +522,9 @@ def verify_journal(conn: apsw.Connection, path: str) -> VerifyReport:
     records are distinct; no evicted run is empty, overlaps the next run (a window over the
     runs) or holds a record (a range probe of the index per run); so the covered seqs are
     distinct, and ``min == 1`` with ``records + run lengths == max`` proves they are 1..max.
+
+    With ``keyring``, every sealed payload is opened too (its MAC proves it undamaged and
+    sealed by that key); without, sealed payloads are counted per key but not checked.
     """
     problems: list[str] = []
     integrity = tuple(row[0] for row in conn.execute("PRAGMA integrity_check"))
@@ -519,15 +592,20 @@ def verify_journal(conn: apsw.Connection, path: str) -> VerifyReport:
                 problems.append(
                     f"I2: device {device_id} counter last_seq={last_seq} but it has no records"
                 )
-    return VerifyReport(path, integrity, devices, records, tuple(problems), evicted_seqs)
+        sealed, opened = _verify_sealed(conn, keyring, problems)
+    return VerifyReport(path, integrity, devices, records, tuple(problems), evicted_seqs,
+                        sealed, opened)
 
 
 class JournalReader:
     """A consumer's read-only view of the journal (never writes; reads while the writer
     commits). Each call reads one consistent snapshot."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, keyring: KeyRing | None = None) -> None:
         self.path = os.fspath(path)
+        #: Opens sealed payloads (None: only records stored in clear can be read; stats,
+        #: backlog and verify's I2 checks need no key).
+        self.keyring = keyring
         # Never create: a missing file is an error, not an empty journal.
         if not os.path.isfile(self.path):
             raise JournalNotFound(self.path)
@@ -545,7 +623,7 @@ class JournalReader:
 
     def read(self, after: Position, limit: int) -> list[Record]:
         """Up to ``limit`` records with position > ``after``, in position order."""
-        return read_records(self._conn, after, limit)
+        return read_records(self._conn, after, limit, self.keyring)
 
     def last_position(self) -> Position:
         return last_position(self._conn)
@@ -556,23 +634,27 @@ class JournalReader:
     def consumer_state(self, consumer: str) -> tuple[Position, str | None]:
         """The consumer's durable cursor and the state it committed with it: where a
         restarted consumer resumes ((START, None) if it never committed)."""
-        return read_consumer_state(self._conn, consumer)
+        return read_consumer_state(self._conn, consumer, self.keyring)
+
+    def cursor(self, consumer: str) -> Position:
+        """The consumer's durable cursor (START if it never committed); needs no key."""
+        return read_cursor(self._conn, consumer)
 
     def stats(self) -> JournalStats:
         return collect_stats(self._conn, self.path, None)
 
     def verify(self) -> VerifyReport:
-        return verify_journal(self._conn, self.path)
+        return verify_journal(self._conn, self.path, self.keyring)
 
     def read_lane(self, lane: str, device_id: str, after_seq: int, upto: Position,
                   limit: int) -> list[Record]:
         """See `read_lane` (the uplink's next batch of a device's lane)."""
-        return read_lane(self._conn, lane, device_id, after_seq, upto, limit)
+        return read_lane(self._conn, lane, device_id, after_seq, upto, limit, self.keyring)
 
     def read_lane_range(self, lane: str, device_id: str, seq_lo: int,
                         seq_hi: int) -> list[Record]:
         """See `read_lane_range` (the records of a planned batch)."""
-        return read_lane_range(self._conn, lane, device_id, seq_lo, seq_hi)
+        return read_lane_range(self._conn, lane, device_id, seq_lo, seq_hi, self.keyring)
 
     def lane_devices(self, lane: str, upto: Position) -> list[str]:
         """See `lane_devices` (which devices the uplink plans batches for)."""
@@ -623,9 +705,18 @@ class JournalReader:
         if sensor_id is not None:
             where += " AND sensor_id = ?"
             args.append(sensor_id)
-        return [QuarantinedRow(*row) for row in self._conn.execute(
-            "SELECT id, sensor_id, source, reason, raw, raw_len, received_ns FROM quarantine "
-            f"WHERE {where} ORDER BY id LIMIT ?", (*args, limit))]
+        rows = []
+        for *fields, key_id in self._conn.execute(
+                "SELECT id, sensor_id, source, reason, raw, raw_len, received_ns, key_id "
+                f"FROM quarantine WHERE {where} ORDER BY id LIMIT ?", (*args, limit)):
+            if key_id is not None:
+                what = f"quarantined input {fields[0]}"
+                if self.keyring is None:
+                    raise JournalKeyError(self.path, f"{what} is sealed with key id {key_id}: "
+                                          "give the journal key file (--key-file)")
+                fields[4] = self.keyring.open(key_id, fields[4], what)
+            rows.append(QuarantinedRow(*fields))
+        return rows
 
     def close(self) -> None:
         self._conn.close()
@@ -637,13 +728,14 @@ class JournalReader:
         self.close()
 
 
-def open_readonly(path: str) -> JournalReader:
-    """Open an existing journal for inspection (stats, verify) without creating or changing it.
+def open_readonly(path: str, key_file: str | None = None) -> JournalReader:
+    """Open an existing journal for inspection (stats, verify) without creating or changing it;
+    with ``key_file``, its sealed payloads can be read and verify authenticates them.
 
-    Raises JournalNotFound, NotAJournal, SchemaTooNew or SchemaTooOld with a message that
-    names the path.
+    Raises JournalNotFound, NotAJournal, SchemaTooNew, SchemaTooOld or JournalKeyError with a
+    message that names the path.
     """
-    return JournalReader(path)
+    return JournalReader(path, load_keyring(key_file) if key_file else None)
 
 
 __all__ = [
@@ -667,13 +759,12 @@ __all__ = [
 # ---- the uplink's view of a lane -----------------------------------------------------------------
 # All three probe the partial index records_lane(lane, device_id, seq): ``lane = ?`` implies
 # its ``lane IS NOT NULL``; pos and drop_reason are then checked on the rows the range yields.
-_LANE_COLUMNS = "pos, device_id, seq, sensor_id, ts, kind, payload"
 READ_LANE_SQL = (
-    f"SELECT {_LANE_COLUMNS} FROM records WHERE lane = ? AND device_id = ? AND seq > ? "
+    f"SELECT {RECORD_COLUMNS} FROM records WHERE lane = ? AND device_id = ? AND seq > ? "
     "AND pos <= ? AND drop_reason IS NULL ORDER BY seq LIMIT ?"
 )
 READ_LANE_RANGE_SQL = (
-    f"SELECT {_LANE_COLUMNS} FROM records WHERE lane = ? AND device_id = ? "
+    f"SELECT {RECORD_COLUMNS} FROM records WHERE lane = ? AND device_id = ? "
     "AND seq BETWEEN ? AND ? AND drop_reason IS NULL ORDER BY seq"
 )
 # Devices first (CROSS JOIN keeps that order), then one index range per device.
@@ -686,21 +777,21 @@ GROUP BY d.device_id ORDER BY d.device_id"""
 
 
 def read_lane(conn: apsw.Connection, lane: str, device_id: str, after_seq: int,
-              upto: Position, limit: int) -> list[Record]:
+              upto: Position, limit: int, keyring: KeyRing | None = None) -> list[Record]:
     """Up to ``limit`` records of ``device_id`` in ``lane`` with seq > ``after_seq``, in seq
     order, not policy-dropped, at positions <= ``upto`` (the router's cursor: beyond it a
     record may still be unrouted, and a lower seq could later land in this lane)."""
     rows = conn.execute(READ_LANE_SQL, (lane, device_id, after_seq, upto.value, limit))
-    return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    return to_records(rows, keyring)
 
 
 def read_lane_range(conn: apsw.Connection, lane: str, device_id: str, seq_lo: int,
-                    seq_hi: int) -> list[Record]:
+                    seq_hi: int, keyring: KeyRing | None = None) -> list[Record]:
     """The records of ``device_id`` in ``lane`` with seqs ``seq_lo..seq_hi``, not dropped, in
     seq order: a planned batch, read again to rebuild it. No position bound: a device's seqs
     grow with positions, so every record up to a planned ``seq_hi`` was routed at planning."""
     rows = conn.execute(READ_LANE_RANGE_SQL, (lane, device_id, seq_lo, seq_hi))
-    return [Record(Position(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+    return to_records(rows, keyring)
 
 
 SYNC_COUNTS_SQL = """SELECT r.device_id, count(*), count(*) FILTER (WHERE r.seq <= w.seq),
@@ -772,7 +863,7 @@ def read_backlog(conn: apsw.Connection, router: str = "router") -> tuple[LaneBac
     nothing of it waits. One read transaction; the cost grows with the backlog (an index range
     per device and lane), not with the journal (tests/journal/test_lane_backlog.py)."""
     with read_snapshot(conn):
-        cursor = read_consumer_state(conn, router)[0]
+        cursor = read_cursor(conn, router)
         rows = [(UNROUTED, conn.execute(UNROUTED_WAITING_SQL, (cursor.value,)).fetchone())]
         rows += [(lane, conn.execute(LANE_WAITING_SQL, (lane,)).fetchone())
                  for lane in LANES if lane != "EPHEMERAL"]

@@ -247,6 +247,44 @@ def _v5_quarantine_and_source_marks(conn: apsw.Connection) -> None:
     )
 
 
+def _v6_sealed_payloads(conn: apsw.Connection) -> None:
+    """v6: encryption at rest. Each record (and quarantined input) names the key that sealed
+    it (``key_id``; NULL: stored in clear by an earlier release or without a key file), and
+    the journal remembers every key id it sealed with by fingerprint (actors/journal/keys.py).
+
+    A sealed payload is a BLOB, so ``records.payload`` changes from TEXT to ANY. Rows on disk
+    are untouched by that (existing payloads stay valid TEXT; STRICT only checks types on
+    write), so the declared type is changed in place with SQLite's documented
+    ``writable_schema`` procedure rather than by copying the table: a copy would need the
+    journal's size again in free space, which a gateway near its disk budget does not have,
+    and would take minutes on an SD card. integrity_check passes afterwards (tested)."""
+    conn.execute(
+        """
+        ALTER TABLE records ADD COLUMN key_id INTEGER;
+        ALTER TABLE quarantine ADD COLUMN key_id INTEGER;
+        -- A consumer's state holds telemetry too (the router's open aggregation windows).
+        ALTER TABLE cursors ADD COLUMN state_key_id INTEGER;
+        CREATE TABLE keys(
+            key_id INTEGER PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            added_ns INTEGER NOT NULL
+        ) STRICT;
+        """
+    )
+    (sql,) = conn.execute(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'").fetchone()
+    if sql.count("payload TEXT NOT NULL") != 1:
+        raise apsw.SchemaChangeError(f"unexpected records schema: {sql}")
+    version = conn.pragma("schema_version")
+    conn.pragma("writable_schema", True)
+    try:
+        conn.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = 'records'",
+                     (sql.replace("payload TEXT NOT NULL", "payload ANY NOT NULL"),))
+        conn.pragma("schema_version", version + 1)  # every connection reloads the schema
+    finally:
+        conn.pragma("writable_schema", False)
+
+
 #: Migration steps in order: step i brings a journal from version i to version i + 1.
 #: Append new steps; never edit a released one.
 MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
@@ -255,6 +293,7 @@ MIGRATIONS: tuple[Callable[[apsw.Connection], None], ...] = (
     _v3_resend_floors,
     _v4_lanes_and_eviction,
     _v5_quarantine_and_source_marks,
+    _v6_sealed_payloads,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -354,30 +393,39 @@ def migrate(conn: apsw.Connection, path: str, clock_ns: Callable[[], int]) -> in
     """Bring the journal on ``conn`` to `SCHEMA_VERSION` in one transaction; return the version
     it had (0: created now, with a new generation)."""
     # Refuse a newer or foreign file before taking the write lock or changing anything.
-    _identify(conn, path)
-    with conn:  # transaction_mode IMMEDIATE: nobody migrates between our check and our write
-        found = _identify(conn, path)
-        try:
-            for step in MIGRATIONS[found:]:
-                step(conn)
-        except apsw.Error as exc:  # leaving the `with` rolls every step back
-            raise JournalError(
-                path,
-                f"migrating {path} from schema v{found} to v{SCHEMA_VERSION} failed ({exc}); "
-                f"the journal was left unchanged at v{found}",
-            ) from exc
-        if found == 0:
-            conn.executemany(
-                "INSERT INTO meta(key, value) VALUES (?, ?)",
-                [
-                    ("generation", secrets.token_hex(16)),
-                    ("created_ns", str(clock_ns())),
-                    ("last_pos", "0"),
-                ],
-            )
-        if found != SCHEMA_VERSION:
-            conn.pragma("user_version", SCHEMA_VERSION)
+    found = _identify(conn, path)
+    try:
+        with conn:  # transaction_mode IMMEDIATE: nobody migrates between check and write
+            found = _identify(conn, path)
+            _migrate_steps(conn, found, clock_ns)
+    except JournalError:
+        raise
+    except apsw.Error as exc:  # a step or the COMMIT (a full disk): all of it rolled back
+        if found == SCHEMA_VERSION:  # nothing to migrate: not a migration's failure
+            raise
+        raise JournalError(
+            path,
+            f"migrating {path} from schema v{found} to v{SCHEMA_VERSION} failed ({exc}); "
+            f"the journal was left unchanged at v{found}",
+        ) from exc
     return found
+
+
+def _migrate_steps(conn: apsw.Connection, found: int, clock_ns: Callable[[], int]) -> None:
+    """The steps from version ``found`` on, inside `migrate`'s transaction."""
+    for step in MIGRATIONS[found:]:
+        step(conn)
+    if found == 0:
+        conn.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?)",
+            [
+                ("generation", secrets.token_hex(16)),
+                ("created_ns", str(clock_ns())),
+                ("last_pos", "0"),
+            ],
+        )
+    if found != SCHEMA_VERSION:
+        conn.pragma("user_version", SCHEMA_VERSION)
 
 
 def check_readable(conn: apsw.Connection, path: str) -> int:

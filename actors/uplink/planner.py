@@ -110,7 +110,7 @@ class BatchPlanner:
         router's cursor. A (device, lane) already holding ``depth`` pending batches waits."""
         if not_synced := [lane for lane in lanes if lane not in SYNCED_LANES]:
             raise ValueError(f"lanes {not_synced} are never synced (only {SYNCED_LANES})")
-        upto, _ = reader.consumer_state(ROUTER)
+        upto = reader.cursor(ROUTER)
         marks = reader.watermarks()
         ahead: dict[tuple[str, str], list[PlannedBatch]] = {}
         for batch in pending:

@@ -151,7 +151,7 @@ def test_floods_of_malformed_input_are_quarantined_while_acked_good_data_is_kept
     assert results.quarantined["mq0"] == 2000
     assert results.quarantined["gnss0"] > 0  # UDP: datagrams may be lost before the socket
     assert "sensor:mq0" not in results.restarts and "sensor:gnss0" not in results.restarts
-    journaled = journaled_numbers(rig.data_dir, "mq0")
+    journaled = journaled_numbers(rig.data_dir, "mq0", key_file=rig.key_file)
     assert load.acked, "the broker acknowledged nothing"
     missing = load.acked - set(journaled)
     assert not missing, f"{len(missing)} acknowledged messages not journaled (I1)"

@@ -29,7 +29,6 @@ from messages.journal import (
     Appended,
     AppendRefused,
     BatchId,
-    ConsumerCommit,
     Position,
     QuarantinedInput,
     SeqRange,
@@ -386,15 +385,39 @@ def test_unstorable_quarantine_or_mark_is_refused_invalid(journal: Journal, extr
 
 
 def _v4_journal(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A journal written by the v4 code path: only the first four migrations ran."""
+    """A journal as the v4 release left it: its schema (the first four migrations) and the
+    rows its writer committed for two batches of imu-1, a router commit and a watermark
+    (written as SQL: today's writer writes columns v4 does not have)."""
     with monkeypatch.context() as m:
         m.setattr(schema, "MIGRATIONS", MIGRATIONS[:4])
         m.setattr(schema, "SCHEMA_VERSION", 4)
-        with Journal(path, synchronous="NORMAL", clock_ns=lambda: NOW) as j:
-            j.append(BatchId("imu-1", 1, 1), make_batch("imu-1", ["veh-1"] * 3 + ["veh-2"], "v4a"))
-            j.append(BatchId("imu-1", 1, 2), make_batch("imu-1", ["veh-1"] * 2, "v4b"))
-            j.commit_consumer(ConsumerCommit("router", 1, START, Position(4)))
-            j.advance_watermark("veh-1", "P1", 2)
+        conn, _ = schema.open_for_writing(path, "NORMAL", lambda: NOW)
+    seqs = {"veh-1": 0, "veh-2": 0}
+    pos = 0
+    try:
+        with conn:
+            for batch_no, marker, devices in ((1, "v4a", ["veh-1"] * 3 + ["veh-2"]),
+                                              (2, "v4b", ["veh-1"] * 2)):
+                batch = make_batch("imu-1", devices, marker)
+                first, spans = pos + 1, {}
+                for device, ts, kind, payload in zip(batch.device_ids, batch.ts, batch.kinds,
+                                                     batch.payloads, strict=True):
+                    pos += 1
+                    seqs[device] += 1
+                    spans.setdefault(device, [seqs[device], seqs[device]])[1] = seqs[device]
+                    conn.execute("INSERT INTO records(pos, device_id, seq, sensor_id, ts, kind, "
+                                 "payload, committed_ns) VALUES (?, ?, ?, 'imu-1', ?, ?, ?, ?)",
+                                 (pos, device, seqs[device], ts, kind, payload, NOW))
+                ranges = json.dumps([[d, lo, hi] for d, (lo, hi) in spans.items()])
+                conn.execute("INSERT INTO batches VALUES ('imu-1', 1, ?, ?, ?, ?, ?)",
+                             (batch_no, first, pos, ranges, NOW))
+            conn.executemany("INSERT INTO devices VALUES (?, ?)", list(seqs.items()))
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'last_pos'", (str(pos),))
+            conn.execute("INSERT INTO cursors(consumer, pos, updated_ns, last_request_id, "
+                         "last_ranges) VALUES ('router', 4, ?, 1, '[]')", (NOW,))
+            conn.execute("INSERT INTO watermarks VALUES ('veh-1', 'P1', 2, ?)", (NOW,))
+    finally:
+        conn.close()
 
 
 def snapshot_v4(path: str) -> dict[str, list[tuple]]:

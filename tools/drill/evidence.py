@@ -175,7 +175,7 @@ def read_journal_facts(journal_path: str) -> JournalFacts:
 
     with JournalReader(journal_path) as reader:
         per_sensor = reader.records_per_sensor()
-        cursor, _ = reader.consumer_state("router")
+        cursor = reader.cursor("router")
     conn = apsw.Connection(journal_path, flags=apsw.SQLITE_OPEN_READONLY)
     try:
         below, unrouted = conn.execute(

@@ -252,7 +252,8 @@ class DrillRun:
         settings = self.drill.file.load
         assert settings is not None
         try:
-            return dict(journaled_numbers(self.rig.data_dir, settings.sensor, settings.src))
+            return dict(journaled_numbers(self.rig.data_dir, settings.sensor, settings.src,
+                                          self.rig.key_file))
         except Exception:  # no journal yet, or a damaged one: the checks will say
             return {}
 

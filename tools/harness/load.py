@@ -19,6 +19,7 @@ from collections import Counter
 
 import paho.mqtt.client as paho
 
+from actors.journal.keys import keyring_from
 from actors.journal.reader import JournalReader
 from messages.journal import START
 
@@ -93,10 +94,12 @@ class MqttLoad:
             client.loop_stop()
 
 
-def journaled_numbers(data_dir: str, sensor_id: str, src: str = "load") -> Counter:
-    """n -> how many times the journal holds the `MqttLoad` message numbered n."""
+def journaled_numbers(data_dir: str, sensor_id: str, src: str = "load",
+                      key_file: str = "") -> Counter:
+    """n -> how many times the journal holds the `MqttLoad` message numbered n (``key_file``:
+    the journal's, when its payloads are sealed)."""
     counts: Counter = Counter()
-    with JournalReader(os.path.join(data_dir, "journal.db")) as reader:
+    with JournalReader(os.path.join(data_dir, "journal.db"), keyring_from(key_file)) as reader:
         pos = START
         while batch := reader.read(pos, 5000):
             for rec in batch:

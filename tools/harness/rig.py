@@ -199,6 +199,12 @@ class Rig:
     def journal_path(self) -> str:
         return os.path.join(self.data_dir, "journal.db")
 
+    @property
+    def key_file(self) -> str:
+        """The journal's key file ("" = payloads in clear), as the gateway resolves it."""
+        journal = self.base_config.get("journal", {})
+        return parse_config({"journal": journal}, "<rig config>").journal.key_path(self.data_dir)
+
     def now(self) -> float:
         """Seconds since the rig was made."""
         return round(time.monotonic() - self.t0, 3)
@@ -320,22 +326,13 @@ class Rig:
         broker acknowledges before that reaches no subscriber: no source could keep it)."""
         from actors.journal.reader import JournalReader
         from actors.sensors.mqtt import SUBSCRIPTIONS_MARK
-        from supervisors.spec import SupervisorSpec
-        from supervisors.tree import gateway_tree
+        from supervisors.tree import actor_names
+        from tools.health_checks import actors_down
 
         assert self.gateway is not None
         parsed = parse_config(tomllib.loads(Path(self.gateway.config_path).read_text()),
                               self.gateway.config_path)
-        expected: set[str] = set()
-        specs = list(gateway_tree(parsed).children)
-        while specs:
-            spec = specs.pop()
-            expected.add(spec.name)
-            if isinstance(spec.settings, SupervisorSpec):
-                specs.extend(spec.settings.children)
-        nodes = self.nodes()
-        if not all(name in nodes and nodes[name]["state"] == "running" and nodes[name]["pid"]
-                   for name in expected):
+        if actors_down(self.tree(), actor_names(parsed)):
             return False
         mqtt = [s.id for s in parsed.sensors if s.type == "mqtt"]
         if not mqtt:
