@@ -4,6 +4,7 @@
 - `messages.journal`: append / consumer-commit / watermark conversation with the journal
 - `messages.supervision`: init, heartbeat, peers, stop, topology
 - `messages.gateway`: the run process and the root supervisor
+- `messages.health`: `fleetgw health` asking the root and the model runner (rollout gate)
 """
 
 from messages.errors import MessageValidationError

@@ -26,6 +26,9 @@ class ChildInit:
     peers: tuple[tuple[str, Any], ...]
     data_dir: str
     fault_injection: bool = False
+    #: The journal's key file ("" = payloads in clear): the journal seals with it, consumers
+    #: open what they read with it (actors/journal/keys.py).
+    journal_key_file: str = ""
     #: Scheduling niceness to add (0: as the parent). Consumers run nicer than the journal
     #: path, so a busy router never delays acknowledgements (I6).
     nice: int = 0
@@ -120,6 +123,10 @@ class ActorNode:
     uptime_s: float | None
     figures: tuple[tuple[str, Any], ...] = ()
     children: tuple[ActorNode, ...] = ()
+    #: Seconds since its supervisor last heard from it (ChildReady or a heartbeat answer) while
+    #: it should be answering; None when unknown or not running (the root, a dead child). A
+    #: child silent for much longer than the heartbeat interval is hung or stopped.
+    silent_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +139,7 @@ class ActorNode:
             "uptime_s": None if self.uptime_s is None else round(self.uptime_s, 3),
             "figures": dict(self.figures),
             "children": [c.to_json() for c in self.children],
+            "silent_s": None if self.silent_s is None else round(self.silent_s, 3),
         }
 
 

@@ -73,9 +73,11 @@ class ChildRecord:
         self.state = "dead"
 
     def node(self, now_mono: float) -> ActorNode:
-        uptime = None
+        uptime = silent = None
         if self.started_at is not None and self.state in ("running", "starting", "stopping"):
             uptime = now_mono - self.started_at
+            if self.last_ack is not None and self.killed_at is None:
+                silent = max(0.0, now_mono - self.last_ack)
         return ActorNode(
             name=self.spec.name,
             cls=self.spec.actor_class.rpartition(".")[2],
@@ -86,6 +88,7 @@ class ChildRecord:
             uptime_s=uptime,
             figures=self.figures,
             children=self.subtree,
+            silent_s=silent,
         )
 
 

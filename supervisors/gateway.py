@@ -24,6 +24,7 @@ from messages.gateway import (
     StartGateway,
     StopGateway,
 )
+from messages.health import HealthReport, HealthRequest, ModelSelfTested, SelfTestModel
 from messages.supervision import (
     ActorNode,
     FaultForwarded,
@@ -33,7 +34,7 @@ from messages.supervision import (
     TopologyRequest,
 )
 from supervisors.supervisor import Supervisor
-from supervisors.tree import gateway_tree
+from supervisors.tree import actor_names, gateway_tree
 
 #: The global name under which the run process and the inspector find the root.
 GLOBAL_NAME = "fleetgw-gateway"
@@ -41,6 +42,19 @@ GLOBAL_NAME = "fleetgw-gateway"
 #: a run process claims it with StartGateway. (The inspector never stops a root itself: its
 #: lookup can race the run process's own creation of the same global actor.)
 UNCLAIMED_EXIT_S = 30.0
+#: The model runner's name in the tree (supervisors.tree).
+MODEL = "model"
+
+
+def installed_version() -> str:
+    """The fleetgw release installed now (read when the gateway starts: an upgrade may replace
+    the package under a running gateway, which still runs the old code)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fleetgw")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Gateway(Supervisor):
@@ -55,6 +69,7 @@ class Gateway(Supervisor):
         self.start_request: int | None = None
         self.failed: str | None = None
         self.unclaimed_timer = False
+        self.version = "unknown"
 
     def receiveMessage(self, message: Any, sender: Any) -> Any:
         if self.spec is None and not self.unclaimed_timer:
@@ -79,7 +94,9 @@ class Gateway(Supervisor):
         self.data_dir = msg.data_dir
         self.settings = msg.config
         self.fault_injection = msg.config.gateway.fault_injection
+        self.journal_key_file = msg.config.journal.key_path(msg.data_dir)
         self.started_mono = time.monotonic()
+        self.version = installed_version()
         self.start_tree(gateway_tree(msg.config))
 
     def on_all_ready(self) -> None:
@@ -93,6 +110,30 @@ class Gateway(Supervisor):
             self.send(sender, GatewayNotConfigured(msg.request_id))
             return
         self.send(sender, TopologyReport(msg.request_id, self.node()))
+
+    def receiveMsg_HealthRequest(self, msg: HealthRequest, sender: Any) -> None:
+        if self.spec is None:
+            self.send(sender, GatewayNotConfigured(msg.request_id))
+            return
+        config = self.settings
+        self.send(sender, HealthReport(
+            request_id=msg.request_id, root=self.node(), expected=actor_names(config),
+            version=self.version, data_dir=os.path.abspath(self.data_dir),
+            journal_budget_bytes=config.journal.disk_budget_bytes,
+            heartbeat_interval_s=config.supervision.heartbeat_interval_s,
+            uplink_configured=config.uplink.enabled, model_configured=config.model.enabled))
+
+    def receiveMsg_SelfTestModel(self, msg: SelfTestModel, sender: Any) -> None:
+        # Forwarded with the asker's address: the runner answers it directly.
+        address = self.peers.get(MODEL)
+        if self.spec is None or address is None:
+            configured = self.spec is not None and self.settings.model.enabled
+            self.send(sender, ModelSelfTested(
+                msg.request_id, ok=False,
+                detail="the model runner is not running" if configured
+                else "no model runner is configured"))
+            return
+        self.send(address, SelfTestModel(msg.request_id, reply_to=sender))
 
     def node(self) -> ActorNode:
         state = "dead" if self.failed else ("stopping" if self.stop_queue is not None

@@ -163,3 +163,19 @@ def gateway_tree(config: GatewayConfig) -> SupervisorSpec:
                                heartbeat_timeout_s=sup.heartbeat_timeout_s, settings=sampling,
                                nice=CONSUMER_NICE),)
     return SupervisorSpec(flags(Strategy.ONE_FOR_ONE), children)
+
+
+def actor_names(config: GatewayConfig) -> tuple[str, ...]:
+    """Every actor the tree of ``config`` has, supervisors and workers (the root excluded), in
+    start order, depth first: what must run for the gateway to be whole (the test rig's
+    readiness and `fleetgw health` compare the live tree with it)."""
+    names: list[str] = []
+
+    def visit(spec: SupervisorSpec) -> None:
+        for child in spec.children:
+            names.append(child.name)
+            if isinstance(child.settings, SupervisorSpec):
+                visit(child.settings)
+
+    visit(gateway_tree(config))
+    return tuple(names)

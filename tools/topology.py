@@ -41,18 +41,24 @@ class InspectorError(RuntimeError):
     """The inspector could not get a tree (no gateway, or it does not answer)."""
 
 
-def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
-    """The live tree of the gateway on ``admin_port``. Raises InspectorError."""
+def attach_root(admin_port: int) -> tuple[Any, Any]:
+    """(actor system, gateway root address) of the gateway on ``admin_port``, attached without
+    ever starting a system (supervisors.system.attach). Raises InspectorError."""
     from supervisors.gateway import GLOBAL_NAME, Gateway
 
     try:
         asys = system.attach(admin_port)
+        return asys, asys.createActor(Gateway, globalName=GLOBAL_NAME)
     except system.NoGatewayError as exc:
         raise InspectorError(str(exc)) from None
     except Exception as exc:  # e.g. InvalidActorAddress: something else holds the port
         raise InspectorError(f"admin port {admin_port} does not answer as a fleetgw actor "
                              f"system ({type(exc).__name__}: {exc})") from None
-    root = asys.createActor(Gateway, globalName=GLOBAL_NAME)
+
+
+def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
+    """The live tree of the gateway on ``admin_port``. Raises InspectorError."""
+    asys, root = attach_root(admin_port)
     request = TopologyRequest(next(_ids))
     asys.tell(root, request)
     deadline = time.monotonic() + timeout_s

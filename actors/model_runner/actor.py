@@ -32,7 +32,13 @@ from actors.model_runner.inference import InferenceSession, ModelLoadError
 from actors.model_runner.manifest import REPO_MODELS, ManifestError
 from actors.model_runner.registry import ActiveModel, ModelRegistry, RegistryError
 from actors.model_runner.runner import NO_MODEL, ModelRunner, ServingModel
-from actors.model_runner.selftest import run_selftest_child, selftest_in_process
+from actors.model_runner.selftest import (
+    check_contract,
+    check_session,
+    run_selftest_child,
+    selftest_in_process,
+)
+from messages.health import ModelSelfTested, SelfTestModel
 from messages.journal import ConsumerCommit, ConsumerCommitted
 from messages.readings import ReadingBatch
 
@@ -171,6 +177,30 @@ class ModelRunnerActor(ConsumerActor):
             self.switch_to(load_serving(result))
         except (ModelLoadError, ManifestError) as exc:
             self.refuse(version, str(exc))
+
+    # ---- health -------------------------------------------------------------------------
+    def receiveMsg_SelfTestModel(self, msg: SelfTestModel, sender: Any) -> None:
+        """`fleetgw health`: the serving model's self-test vectors, now, in this process (a
+        handler runs between two batches of records, so a busy runner still answers)."""
+        reply_to = msg.reply_to or sender
+        model = self.model
+        if model is None:
+            detail = (f"no model serving yet: {self.pending_version} is being checked"
+                      if self.pending_version else self.no_model_reason)
+            self.send(reply_to, ModelSelfTested(msg.request_id, ok=False, detail=detail))
+            return
+        t0 = time.perf_counter()
+        try:
+            problems = check_contract(model.manifest) + check_session(model.session,
+                                                                      model.manifest)[0]
+        except Exception as exc:  # a broken model fails its self-test, not the runner
+            problems = [f"self-test raised {type(exc).__name__}: {exc}"]
+        latency_ms = round((time.perf_counter() - t0) * 1e3, 2)
+        vectors = model.manifest.get("self_test")
+        self.send(reply_to, ModelSelfTested(
+            msg.request_id, ok=not problems, version=model.version, latency_ms=latency_ms,
+            vectors=len(vectors) if isinstance(vectors, list) else 0,
+            detail="; ".join(problems)[:500]))
 
     # ---- consuming ------------------------------------------------------------------------
     def restore_state(self, state: str | None) -> None:

@@ -57,12 +57,14 @@ class ServingModel:
     sha256: str
     threshold: float
     labels: tuple[str, ...]
+    #: The verified manifest it was loaded from (its self-test vectors: `fleetgw health`).
+    manifest: Mapping[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
     @classmethod
     def from_manifest(cls, session: InferenceSession, manifest: Mapping[str, Any],
                       sha256: str) -> ServingModel:
         return cls(session, str(manifest["version"]), sha256, float(manifest["threshold"]),
-                   tuple(manifest["labels"]))
+                   tuple(manifest["labels"]), manifest)
 
     def label(self, inference: Inference) -> str:
         """"normal" below the threshold, else the anomaly type of the largest group error."""

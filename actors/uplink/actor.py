@@ -40,6 +40,8 @@ import nacl.signing
 from actors.base import SupervisedActor, log
 from actors.journal.actor import journal_path
 from actors.journal.consumer import RESEND_AFTER_S, TRANSIENT_REFUSALS
+from actors.journal.keys import KeyRing as JournalKeyRing
+from actors.journal.keys import keyring_from
 from actors.journal.reader import JournalReader
 from actors.journal.schema import JournalError
 from actors.model_runner.registry import ModelRegistry
@@ -152,6 +154,7 @@ class UplinkActor(SupervisedActor):
         self.reader: JournalReader | None = None
         self.uplink: Uplink | None = None
         self.channels: dict[str, Channel] = {}
+        self.journal_keyring: JournalKeyRing | None = None
         self.keys: KeyRing | None = None
         self.builder: ThreadPoolExecutor | None = None
         self.builds: dict[PlannedBatch, Future] = {}
@@ -174,6 +177,11 @@ class UplinkActor(SupervisedActor):
                        "retries": 0, "failures": 0, "splits": 0, "state_commits": 0}
         #: Batches posted and not yet acknowledged or split: posting one again is a retry.
         self.posted: set[PlannedBatch] = set()
+        #: Monotonic times of the last acknowledged batch and of the last batch the receiver
+        #: answered but refused (a 4xx other than 413/429: not a link problem) — `fleetgw
+        #: health` tells a link that is down from a central that says no.
+        self.last_ack_mono: float | None = None
+        self.last_refusal_mono: float | None = None
 
     def on_init(self) -> None:
         settings: UplinkActorSettings = self.settings
@@ -208,8 +216,9 @@ class UplinkActor(SupervisedActor):
         creating its file: then try again at the next step)."""
         if self.uplink is not None:
             return True
+        self.journal_keyring = keyring_from(self.journal_key_file)  # a bad key file crashes
         try:
-            self.reader = JournalReader(journal_path(self.data_dir))
+            self.reader = JournalReader(journal_path(self.data_dir), self.journal_keyring)
         except JournalError:
             return False
         s = self.config
@@ -291,7 +300,8 @@ class UplinkActor(SupervisedActor):
         """Builder thread: the batch's signed form, read through the thread's own reader."""
         reader = getattr(self.build_reader, "reader", None)
         if reader is None:
-            reader = self.build_reader.reader = JournalReader(journal_path(self.data_dir))
+            reader = self.build_reader.reader = JournalReader(journal_path(self.data_dir),
+                                                              self.journal_keyring)
         assert self.uplink is not None
         return self.uplink.planner.build(reader, batch, key, self.config.gateway_id)
 
@@ -381,6 +391,7 @@ class UplinkActor(SupervisedActor):
         if outcome.action in (ACKED, SPLIT):
             self.posted.discard(send.batch)
         if outcome.action == ACKED:
+            self.last_ack_mono = time.monotonic()
             self.counts["acked"] += 1
             self.counts["synced_records"] += batch.count
             self.marks.append(AdvanceWatermark(batch.device_id, batch.lane,
@@ -391,6 +402,8 @@ class UplinkActor(SupervisedActor):
             self.counts["splits"] += 1
         else:
             self.counts["failures"] += 1
+            if result.status is not None and result.status < 500 and result.status != 429:
+                self.last_refusal_mono = time.monotonic()
         if outcome.reason != self.last_problem:
             log().warning("uplink: %s/%s %d..%d: %s (next try in %.1f s)", batch.device_id,
                           batch.lane, batch.seq_lo, batch.seq_hi, outcome.reason,
@@ -484,4 +497,11 @@ class UplinkActor(SupervisedActor):
         return super().figures() + [
             ("mode", self.config.mode), ("link", current_link(self.config) or "none"),
             ("pending", pending), *self.counts.items(), ("waiting", self.waiting),
-            ("last_problem", self.last_problem or "none")]
+            ("last_problem", self.last_problem or "none"),
+            ("last_ack_age_s", _age(self.last_ack_mono)),
+            ("last_refusal_age_s", _age(self.last_refusal_mono))]
+
+
+def _age(mono: float | None) -> float | None:
+    """Seconds since monotonic time ``mono`` (None: never)."""
+    return None if mono is None else round(time.monotonic() - mono, 1)
