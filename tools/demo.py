@@ -15,17 +15,22 @@ link (`tools.link_proxy`). Then:
    raw), duplicates, lag — I5 holds when FINAL == distinct seqs == synced.
 
 When mosquitto is installed, the gateway also gets real sources (config/demo_sources.toml):
-its own supervised mosquitto with an MQTT sensor fed by `tools.mqtt_publisher`, a CAN sensor
-decoding config/demo_vehicle.dbc from `tools.can_player` (UDP multicast), and an NMEA sensor fed
-by `tools.nmea_replay` (config/demo_drive.nmea over UDP); malformed input from the feeders
-lands in the journal's quarantine. Without mosquitto the demo runs on the simulator alone.
+its own supervised mosquitto (no anonymous clients: a login whose password comes from
+``FLEETGW_DEMO_MQTT_PASSWORD``, made up when unset) with an MQTT sensor fed by
+`tools.mqtt_publisher`, a CAN sensor decoding config/demo_vehicle.dbc from `tools.can_player`
+(UDP multicast), and an NMEA sensor fed by `tools.nmea_replay` (config/demo_drive.nmea over
+UDP); malformed input from the feeders lands in the journal's quarantine. Without mosquitto the demo runs on the simulator alone.
 
 Everything lives in ``DATA_DIR/demo`` (default ./data/demo), made afresh on every run.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -115,10 +120,40 @@ def sources_config() -> tuple[str, dict[str, int]] | None:
     return text, ports
 
 
+#: The demo broker's login. The password is read from this environment variable (made up for
+#: the run when unset, and set there, so the gateway and the publisher inherit it); the broker
+#: keeps only its hash.
+MQTT_USER = "demo"
+MQTT_PASSWORD_ENV = "FLEETGW_DEMO_MQTT_PASSWORD"
+
+
+def broker_login(text: str, directory: Path) -> str:
+    """The sources config with the broker closed to anonymous clients: a mosquitto password
+    file in ``directory`` (PBKDF2-SHA512, mosquitto 2's ``$7$`` format, 0600) and the
+    sensors' login in [mqtt] (the password by the name of its environment variable)."""
+    password = os.environ.get(MQTT_PASSWORD_ENV) or secrets.token_urlsafe(24)
+    os.environ[MQTT_PASSWORD_ENV] = password
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101)
+    path = directory / "broker.passwd"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{MQTT_USER}:$7$101${base64.b64encode(salt).decode()}$"
+                 f"{base64.b64encode(digest).decode()}\n")
+    broker = "[broker]\nenabled = true\n"
+    if broker not in text:
+        raise RuntimeError(f"config/demo_sources.toml has no {broker!r} to add the login to")
+    text = text.replace(broker, f"{broker}allow_anonymous = false\n"
+                                f"password_file = {json.dumps(str(path))}\n")
+    return text + (f'\n[mqtt]\nusername = "{MQTT_USER}"\n'
+                   f'password_env = "{MQTT_PASSWORD_ENV}"\n')
+
+
 def start_feeders(ports: dict[str, int], out_dir: Path) -> list[subprocess.Popen]:
     """The sources' feeders: MQTT publisher, CAN bus player, NMEA log replay."""
     commands = {
-        "mqtt_publisher": ["--port", str(ports["broker"]), "--device", DEVICE, "--rate", "5"],
+        "mqtt_publisher": ["--port", str(ports["broker"]), "--device", DEVICE, "--rate", "5",
+                           "--username", MQTT_USER, "--password-env", MQTT_PASSWORD_ENV],
         "can_player": ["--interface", "udp_multicast", "--channel", "239.74.163.9",
                        "--port", str(ports["can"]), "--dbc", str(CONFIG_DIR / "demo_vehicle.dbc"),
                        "--rate", "10"],
@@ -165,6 +200,8 @@ def run_demo(data_dir: str, up_s: float, cut_s: float, after_s: float) -> int:
     port = free_port()
     url = f"https://127.0.0.1:{link.port}"
     sources = sources_config()
+    if sources is not None:
+        sources = (broker_login(sources[0], gw_dir), sources[1])
     main_config = gateway_config(base, url, keys, port, sensors=True)
     if sources is not None:
         main_config += "\n" + sources[0]
@@ -181,7 +218,8 @@ def run_demo(data_dir: str, up_s: float, cut_s: float, after_s: float) -> int:
         if sources is not None:
             feeders = start_feeders(sources[1], gw_dir)
             say(f"real sources too (config/demo_sources.toml): the gateway's own mosquitto on "
-                f"127.0.0.1:{sources[1]['broker']} with an MQTT publisher, a CAN bus player "
+                f"127.0.0.1:{sources[1]['broker']} (login required) with an MQTT publisher, a "
+                f"CAN bus player "
                 f"(demo_vehicle.dbc) and an NMEA log replay")
         else:
             say("mosquitto is not installed: simulated sensors only (apt-get install mosquitto "

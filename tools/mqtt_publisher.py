@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import struct
 import time
@@ -42,11 +43,13 @@ def trailer(t: float, rng: random.Random) -> bytes:
 
 
 def publish(host: str, port: int, device: str, rate_hz: float, seconds: float | None,
-            bad_every: int, seed: int = 0) -> int:
+            bad_every: int, seed: int = 0, username: str = "", password: str = "") -> int:
     """Publish until ``seconds`` pass (None: forever); returns messages published."""
     rng = random.Random(seed)
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"demo-publisher-{device}",
                          protocol=paho.MQTTv5)
+    if username:
+        client.username_pw_set(username, password or None)
     client.reconnect_delay_set(0.2, 5)
     client.connect_async(host, port, keepalive=30)
     client.loop_start()  # paho reconnects by itself when the broker restarts
@@ -81,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=None, help="stop after (default: never)")
     parser.add_argument("--bad-every", type=int, default=50,
                         help="every Nth cabin message is malformed (0: never)")
+    parser.add_argument("--username", default="", help="MQTT user name (default: none)")
+    parser.add_argument("--password-env", default="", metavar="NAME",
+                        help="environment variable holding the password (never on the "
+                             "command line, where `ps` shows it)")
     args = parser.parse_args(argv)
+    password = os.environ.get(args.password_env, "") if args.password_env else ""
+    if args.password_env and not password:
+        parser.error(f"--password-env names {args.password_env}, which is not set")
     with contextlib.suppress(KeyboardInterrupt):
-        publish(args.host, args.port, args.device, args.rate, args.seconds, args.bad_every)
+        publish(args.host, args.port, args.device, args.rate, args.seconds, args.bad_every,
+                username=args.username, password=password)
     return 0
 
 

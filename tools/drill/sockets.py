@@ -36,19 +36,17 @@ def is_loopback(host: str) -> bool:
 
 
 def configured_listeners(parsed: GatewayConfig) -> list[tuple[str, str, int]]:
-    """(kind, host or "*", port) the config asks the gateway to listen on beyond loopback."""
-    found = []
-    if parsed.broker.enabled and not is_loopback(parsed.broker.listen_address):
-        found.append(("tcp", parsed.broker.listen_address, parsed.broker.port))
-    for sensor in parsed.sensors:
-        if sensor.type == "nmea" and sensor.nmea.source.startswith("udp://"):
-            host, _, port = sensor.nmea.source[len("udp://"):].rpartition(":")
-            if not is_loopback(host):
-                found.append(("udp", host or "*", int(port)))
-        if sensor.type == "can" and sensor.can.interface == "udp_multicast":
-            # a multicast receiver binds the port on every address to hear the group
-            found.append(("udp", "*", int(sensor.can.port)))
-    return found
+    """(kind, host or "*", port) the config asks the gateway to listen on beyond loopback: what
+    the firewall opens for it (`tools.nftables.inbound_needs`)."""
+    from tools.nftables import inbound_needs
+
+    def host(address: str) -> str:  # a multicast receiver binds every address for its group
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(address).is_multicast:
+                return "*"
+        return address
+
+    return [(o.proto, host(o.address), o.port) for o in inbound_needs(parsed)]
 
 
 class SocketSampler:
