@@ -130,15 +130,25 @@ class RunLocks:
     def _take(cls, path: str, busy: str) -> None:
         import fcntl
 
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+        except PermissionError:
+            # Left in /tmp by a run as another user (e.g. root, before the service user was
+            # set up): a read-only descriptor locks as well; only the holder's pid goes unsaid.
+            try:
+                fd, writable = os.open(path, os.O_RDONLY), False
+            except OSError as exc:
+                raise StaleSystemError(f"cannot open the lock file {path}: {exc.strerror}; it "
+                                       "was left by a run as another user: remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
             raise StaleSystemError(f"{busy} ({holder or 'unknown holder'})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        if writable:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
         cls._fds.append(fd)
 
     @classmethod

@@ -61,8 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
     stats = jsub.add_parser("stats", help="records per device, seq ranges, cursors, size")
     stats.add_argument("--db", required=True, help="path to journal.db")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
-    verify = jsub.add_parser("verify", help="integrity check and seq continuity (I2)")
+    verify = jsub.add_parser("verify", help="integrity check and seq continuity (I2); with "
+                             "--key-file, every sealed payload opened and authenticated")
     verify.add_argument("--db", required=True, help="path to journal.db")
+    verify.add_argument("--key-file", default=None, help="the journal's key file ([journal] "
+                        "key_file)")
+    jdown = jsub.add_parser("downgrade", help="take the journal back to an earlier release's "
+                            "schema, losslessly, for a rollback (gateway stopped; run with "
+                            "this, the newer, release)")
+    jdown.add_argument("--db", required=True, help="path to journal.db")
+    jdown.add_argument("--to", type=int, required=True, metavar="N",
+                       help="the schema version of the release rolled back to (`fleetgw "
+                            "journal stats --json` of that release: schema_version)")
+    jdown.add_argument("--key-file", default=None,
+                       help="the journal's key file (sealed payloads are written back in "
+                            "clear: schemas before v6 have no encryption)")
+    jkey = jsub.add_parser("key", help="encryption at rest: make, rotate or show a journal "
+                           "key file (ids and fingerprints only, never key material)")
+    jkey.add_argument("key_action", choices=("new", "rotate", "show"),
+                      help="new: a key file with key id 1 (mode 0600); rotate: add the next "
+                           "id, which seals from the next start; show: ids, fingerprints")
+    jkey.add_argument("--key-file", required=True, help="the key file ([journal] key_file)")
+    jkey.add_argument("--db", default=None, help="show: also count what each key seals in "
+                      "this journal and check that the file fits it")
     quar = jsub.add_parser("quarantine", help="inputs sources could not decode (oldest first) "
                            "and each sensor's totals")
     quar.add_argument("--db", required=True, help="path to journal.db")
@@ -73,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="list those with an id above ID (page on from the last one shown)")
     quar.add_argument("--json", action="store_true",
                       help="print one JSON object (raw bytes in full, as hex)")
+    quar.add_argument("--key-file", default=None, help="the journal's key file (sealed "
+                      "inputs need it)")
 
     policy = sub.add_parser("policy", help="check a routing policy file")
     psub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -202,7 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     bj.add_argument("--rate", type=float, default=None,
                     help="offered readings/s per sensor (default: saturating)")
     bj.add_argument("--admin-port", type=_port, default=19081)
+    bj.add_argument("--sealed", action="store_true",
+                    help="with encryption at rest ([journal] key_file) on")
     bj.add_argument("--json", action="store_true", help="print one JSON object")
+    bseal = bsub.add_parser("seal", help="journal appends/s with payloads sealed beside in "
+                            "clear and raw apsw, and disk bytes per record")
+    bseal.add_argument("--records", type=int, default=240_000,
+                       help="records appended per side, over 6 alternating rounds "
+                            "(default 240000)")
+    bseal.add_argument("--json", action="store_true", help="print one JSON object")
     br = bsub.add_parser("router", help="router throughput beside ingest, and bytes saved")
     br.add_argument("--seconds", type=_positive_float, default=20.0)
     br.add_argument("--vehicles", type=int, default=4,
@@ -248,6 +279,36 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--admin-port", type=_port, default=19111)
     bs.add_argument("--central-port", type=_port, default=19121)
     bs.add_argument("--json", action="store_true", help="print one JSON object")
+
+    deploy = sub.add_parser("deploy", help="deployment files derived from a gateway config")
+    desub = deploy.add_subparsers(dest="deploy_command", required=True, metavar="WHAT")
+    from tools.nftables import add_arguments as nftables_arguments
+
+    nftables_arguments(desub.add_parser(
+        "nftables", help="print an nftables rule set (table inet fleetgw) opening only what "
+                         "the config listens on beyond loopback"))
+
+    health = sub.add_parser("health", help="is the running gateway fit to serve? actors, "
+                            "journal, backlog, sync, model self-test (the rollout gate); exit 0 "
+                            "healthy, 1 unhealthy, 2 unreachable")
+    health.add_argument("--admin-port", type=_port, default=None,
+                        help="admin port of the gateway (default: 19001, the config default)")
+    health.add_argument("--data-dir", default=None,
+                        help="the gateway's data dir as seen here (default: what the gateway "
+                             "reports)")
+    health.add_argument("--json", action="store_true", help="print one JSON object")
+    health.add_argument("--wait", type=_positive_float, default=None, metavar="SECONDS",
+                        help="retry until healthy or SECONDS have passed (after an upgrade)")
+    health.add_argument("--max-backlog-age-s", type=_positive_float, default=None,
+                        metavar="SECONDS", help="fail when a lane's oldest waiting record is "
+                        "older (default: no limit; a link may be down for days)")
+    health.add_argument("--require-sync", action="store_true",
+                        help="fail until one batch was acknowledged by central since the "
+                             "uplink started (the canary's proof that this release syncs)")
+    health.add_argument("--min-free-mb", type=_positive_float, default=16.0,
+                        help="free MiB the data dir's filesystem must keep (default 16)")
+    health.add_argument("--expect-version", default=None, metavar="VERSION",
+                        help="fail unless the running gateway is this fleetgw release")
     return parser
 
 
@@ -256,7 +317,7 @@ QUARANTINE_RAW_SHOWN = 60
 
 
 def journal_quarantine_command(db: str, sensor: str | None, limit: int, after: int,
-                               as_json: bool) -> int:
+                               as_json: bool, key_file: str | None = None) -> int:
     """`fleetgw journal quarantine`: up to ``limit`` quarantined inputs with an id above
     ``after`` (oldest first; of ``sensor`` or all) and each sensor's totals (quarantined,
     trimmed to keep the quarantine bounded, kept). Read-only, like `journal stats`.
@@ -272,7 +333,7 @@ def journal_quarantine_command(db: str, sensor: str | None, limit: int, after: i
         print(f"fleetgw journal quarantine: --limit must be > 0 (got {limit})", file=sys.stderr)
         return 2
     try:
-        with open_readonly(db) as reader:
+        with open_readonly(db, key_file) as reader:
             rows = reader.quarantined(limit + 1, sensor, after)  # one more: are there more?
             totals = [q for q in reader.stats().quarantine if sensor in (None, q.sensor_id)]
     except JournalError as exc:
@@ -338,6 +399,10 @@ def journal_quarantine_command(db: str, sensor: str | None, limit: int, after: i
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "deploy":
+        from tools.nftables import nftables_command
+
+        return nftables_command(args.config, args.ssh_from, args.ssh_port)
     if args.command == "run":
         from config.loader import default_config_path
         from tools.run import run_command
@@ -350,15 +415,32 @@ def main(argv: list[str] | None = None) -> int:
 
         return topology_command(args.admin_port or DEFAULT_ADMIN_PORT, args.json, args.dot,
                                 args.watch, args.interval, args.count)
+    if args.command == "health":
+        from config.schema import DEFAULT_ADMIN_PORT
+        from tools.health import health_command
+        from tools.health_checks import Limits
+
+        limits = Limits(max_backlog_age_s=args.max_backlog_age_s,
+                        require_sync=args.require_sync,
+                        min_free_bytes=int(args.min_free_mb * (1 << 20)),
+                        expect_version=args.expect_version)
+        return health_command(args.admin_port or DEFAULT_ADMIN_PORT, args.data_dir, args.json,
+                              args.wait, limits)
     if args.command == "journal":
-        from tools.journal_cmd import stats_command, verify_command
+        from tools.journal_cmd import key_command, stats_command, verify_command
 
         if args.journal_command == "stats":
             return stats_command(args.db, args.json)
         if args.journal_command == "quarantine":
             return journal_quarantine_command(args.db, args.sensor, args.limit, args.after,
-                                              args.json)
-        return verify_command(args.db)
+                                              args.json, args.key_file)
+        if args.journal_command == "downgrade":
+            from tools.journal_cmd import downgrade_command
+
+            return downgrade_command(args.db, args.to, args.key_file)
+        if args.journal_command == "key":
+            return key_command(args.key_action, args.key_file, args.db)
+        return verify_command(args.db, args.key_file)
     if args.command == "policy":
         from tools.policy_cmd import check_command
 
@@ -389,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.drill.runner import run_drill
 
         return run_drill(args.file, args.json, args.short, args.keep)
+    if args.command == "bench" and args.bench_command == "seal":
+        from tools.bench_seal import bench_seal_command
+
+        return bench_seal_command(args.records, args.json)
     if args.command == "bench" and args.bench_command == "model":
         from tools.bench_model import bench_model_command
 
@@ -415,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench import bench_journal_command
 
         return bench_journal_command(args.seconds, args.sensors, args.rate, args.admin_port,
-                                     args.json)
+                                     args.sealed, args.json)
     return 2
 
 

@@ -4,12 +4,14 @@ Where this sits: the top of everything. It cleans up a stale actor system of an 
 starts the hardened actor system and the gateway root, prints a one-line status every few
 seconds, stops in order on SIGTERM/SIGINT (or after --duration) and exits 0; it exits 1 when the
 actor system dies or the root gives up (escalation to the OS: systemd restarts it), and 2 on a
-bad config.
+bad config. Under systemd (deploy/fleetgw.service, tools/sd_notify.py) it sends READY=1 once the
+tree runs, STATUS= lines, WATCHDOG=1 while the root answers, and STOPPING=1 on SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import itertools
 import logging
 import os
@@ -31,6 +33,7 @@ from messages.gateway import (
 from messages.supervision import ActorNode, TopologyReport, TopologyRequest
 from supervisors import reaper, system
 from tools.logs import setup_process_logging, thespian_log_config
+from tools.sd_notify import Notifier, Watchdog
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: Seconds the whole tree may take to answer ChildReady at start-up.
@@ -138,9 +141,14 @@ class Runner:
         self.pgid: int | None = None
         self.admin_pid: int | None = None
         self.last_tree: ActorNode | None = None
+        # systemd (deploy/fleetgw.service): READY=1, STATUS=, WATCHDOG=1, STOPPING=1; read
+        # (and removed from the environment) before any actor process is forked.
+        self.notifier = Notifier.from_environment()
+        self.watchdog = Watchdog(self.notifier)
 
     def request_stop(self, signum: int, _frame: Any) -> None:
         self.stop_reason = signal.Signals(signum).name
+        self.notifier.stopping(f"stopping ({self.stop_reason})")
 
     def run(self) -> int:
         for action in system.cleanup_stale(self.data_dir, self.admin_port):
@@ -155,7 +163,11 @@ class Runner:
             # service manager's SIGTERM still ends it.
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
-            return self.supervise()
+            code = self.supervise()
+            if code != EXIT_OK:
+                self.notifier.status(f"failed (exit {code}): see the log and "
+                                     f"{os.path.join(self.data_dir, 'gateway.log')}")
+            return code
         except KeyboardInterrupt:  # Ctrl-C while the actor system was still starting
             self.stop_reason = "SIGINT"
             return EXIT_OK
@@ -193,10 +205,18 @@ class Runner:
                    self.config_path, self.data_dir, self.admin_port, started.pgid)
         print(f"fleetgw: gateway running (config {self.config_path}, data dir {self.data_dir}, "
               f"admin port {self.admin_port}); Ctrl-C stops it", flush=True)
+        self.notifier.ready(f"running: data dir {self.data_dir}, admin port {self.admin_port}")
         began = time.monotonic()
         interval = self.config.gateway.status_interval_s
-        next_status = began + (interval or 1.0)
+        # The tree is checked every `check_s`; a status line is printed every `interval`. With
+        # systemd's watchdog the check comes at least twice per ping period, so one slow answer
+        # does not cost a ping.
+        check_s = min(interval or 1.0, self.watchdog.period_s / 2 if self.watchdog.enabled
+                      else float("inf"))
+        next_status = began + check_s
+        next_print = began + interval
         missed = 0
+        self.watchdog.alive(began)  # the root has just answered StartGateway
         while self.stop_reason is None:
             if self.duration_s is not None and time.monotonic() - began >= self.duration_s:
                 self.stop_reason = f"duration {self.duration_s:g}s reached"
@@ -205,8 +225,10 @@ class Runner:
             if isinstance(message, GatewayFailed):
                 log().error("gateway gave up: %s", message.reason)
                 return EXIT_FAILED
+            self.watchdog.tick(time.monotonic())
             if time.monotonic() >= next_status:
-                next_status = time.monotonic() + (interval or 1.0)
+                checked_at = time.monotonic()
+                next_status = checked_at + check_s
                 if not reaper.alive(started.admin_pid):
                     log().error("the actor system's admin (pid %d) died: actor system is not "
                                 "answering; exiting so the service manager restarts the "
@@ -226,8 +248,12 @@ class Runner:
                     continue
                 missed = 0
                 self.last_tree = report.root
-                if interval:
-                    say(status_line(report.root))
+                self.watchdog.alive(time.monotonic())
+                line = status_line(report.root)
+                self.notifier.status(line.removeprefix("status: "))
+                if interval and checked_at >= next_print:
+                    next_print = checked_at + interval
+                    say(line)
         return self.stop()
 
     def stop(self) -> int:
@@ -302,6 +328,16 @@ def print_summary(data_dir: str, tree: ActorNode | None) -> None:
 def run_command(config_path: str, data_dir: str | None, admin_port: int | None,
                 duration_s: float | None) -> int:
     setup_process_logging()
+    # A fatal signal to the run process (systemd's watchdog sends SIGABRT) prints its Python
+    # stack to stderr, the service's journal; actor processes keep their own fatal-signal
+    # handling (supervisors/hardening.py).
+    with contextlib.suppress(RuntimeError, ValueError, OSError):  # no usable stderr: skip
+        faulthandler.enable()
+        os.register_at_fork(after_in_child=faulthandler.disable)
+    if os.geteuid() == 0:
+        log().warning("running as root (uid 0): run the gateway as an unprivileged user "
+                      "(deploy/fleetgw.service: User=fleetgw; deploy/Dockerfile: USER fleetgw; "
+                      "see deploy/PACKAGING.md)")
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -333,6 +369,17 @@ def run_command(config_path: str, data_dir: str | None, admin_port: int | None,
         print(f"fleetgw run: data dir {data_dir} is not usable: {exc.strerror} "
               f"({exc.filename}); check --data-dir", file=sys.stderr)
         return EXIT_USAGE
+    from actors.journal import JournalError
+    from actors.journal.actor import journal_path
+    from actors.journal.keys import prepare_keyring
+
+    try:  # refuse to start on a wrong or missing key, before any actor writes anything
+        ring, key_line = prepare_keyring(config.journal.key_path(data_dir),
+                                         journal_path(data_dir))
+    except (JournalError, ValueError) as exc:
+        print(f"fleetgw run: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    (log().info if ring is not None else log().warning)("%s", key_line)
     port = admin_port or config.gateway.admin_port
     runner = Runner(config, config_path, data_dir, port, duration_s)
     try:
