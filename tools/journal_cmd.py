@@ -228,9 +228,16 @@ def downgrade_command(db: str, to_version: int, key_file: str | None) -> int:
         return EXIT_PROBLEMS
     if found <= to_version:
         print(f"{db}: schema v{found}, already at or below v{to_version}: nothing to do")
-    else:
-        print(f"{db}: taken from schema v{found} back to v{to_version}; every record, cursor "
-              f"and watermark kept (payloads in clear: v{to_version} has no encryption at rest)"
-              if found >= 6 > to_version else
-              f"{db}: taken from schema v{found} back to v{to_version}; everything kept")
+        return EXIT_OK
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        records, cursors, watermarks = conn.execute(
+            "SELECT (SELECT count(*) FROM records), (SELECT count(*) FROM cursors), "
+            "(SELECT count(*) FROM watermarks)").fetchone()
+    finally:
+        conn.close()
+    clear = (f" (payloads in clear: v{to_version} has no encryption at rest)"
+             if found >= 6 > to_version else "")
+    print(f"{db}: taken from schema v{found} back to v{to_version}; kept {records} records, "
+          f"{cursors} cursors and {watermarks} watermarks{clear}")
     return EXIT_OK

@@ -26,6 +26,7 @@ from actors.journal.schema import (
     JournalError,
     NotAJournal,
     _identify,
+    give_back_to_owner,
 )
 
 #: Sealed values opened and rewritten per statement batch (bounds memory, not the transaction).
@@ -135,3 +136,4 @@ def downgrade(path: str, to_version: int, keyring: KeyRing | None) -> int:
     finally:
         conn.close()
         os.close(lock)
+        give_back_to_owner(path)

@@ -22,7 +22,13 @@ import apsw
 import attrs
 
 from actors.journal.keys import JournalKeyError, KeyRing, load_keyring
-from actors.journal.schema import BUSY_TIMEOUT_MS, JournalNotFound, NotAJournal, check_readable
+from actors.journal.schema import (
+    BUSY_TIMEOUT_MS,
+    JournalNotFound,
+    NotAJournal,
+    check_readable,
+    give_back_to_owner,
+)
 from messages.journal import LANES, UNROUTED, Position
 from messages.readings import Value, decode_values
 
@@ -720,6 +726,7 @@ class JournalReader:
 
     def close(self) -> None:
         self._conn.close()
+        give_back_to_owner(self.path)
 
     def __enter__(self) -> JournalReader:
         return self

@@ -13,7 +13,9 @@ A journal written by an older fleetgw is migrated in one transaction; a newer on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 from collections.abc import Callable
 
@@ -426,6 +428,23 @@ def _migrate_steps(conn: apsw.Connection, found: int, clock_ns: Callable[[], int
         )
     if found != SCHEMA_VERSION:
         conn.pragma("user_version", SCHEMA_VERSION)
+
+
+def give_back_to_owner(path: str) -> None:
+    """Files SQLite (or the writer lock) made beside the journal while root inspected it (a
+    CLI run with sudo) go back to the journal's owner; otherwise the gateway's unprivileged
+    user could no longer open its own journal. Nothing to do for anyone but root."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = os.stat(path)
+    except OSError:
+        return
+    for extra in (path + "-wal", path + "-shm", path + ".writer-lock"):
+        with contextlib.suppress(OSError):
+            st = os.stat(extra)
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.chown(extra, owner.st_uid, owner.st_gid)
 
 
 def check_readable(conn: apsw.Connection, path: str) -> int:

@@ -132,3 +132,22 @@ def test_the_cli_refuses_while_a_gateway_holds_the_journal_then_takes_it_back(
     assert cli(["journal", "downgrade", "--db", path, "--to", "0"]) == 2
     assert cli(["journal", "downgrade", "--db", path, "--to", "4"]) == 1  # no step v5 -> v4
     assert "cannot be taken back" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files for another user")
+def test_root_inspecting_or_downgrading_leaves_the_journal_files_to_their_owner(
+    upgraded: tuple[str, str, list[str]]
+) -> None:
+    path, key, _ = upgraded
+    for name in (path, path + "-wal", path + "-shm", path + ".writer-lock"):
+        if os.path.exists(name):
+            os.chown(name, 65534, 65534)  # the gateway's user owns its journal
+            if name != path:
+                os.unlink(name)
+    with open_readonly(path):  # `sudo fleetgw journal stats` on a stopped gateway
+        pass
+    downgrade(path, 5, load_keyring(key))
+    made = [p for p in (path + "-wal", path + "-shm", path + ".writer-lock")
+            if os.path.exists(p)]
+    assert made  # SQLite and the lock did make files beside it ...
+    assert {(os.stat(p).st_uid, os.stat(p).st_gid) for p in made} == {(65534, 65534)}
