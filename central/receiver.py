@@ -31,7 +31,6 @@ request, never any key material.
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import json
 import logging
 import socket
@@ -63,6 +62,7 @@ from central.devices import DeviceKeyError, DeviceRegistry
 from central.metrics import CONTENT_TYPE, ReceiverMetrics
 from central.model_store import ModelStore, ModelStoreError, StoredFile, byte_range
 from central.schema import table_for_kind
+from config.fields import is_loopback
 from messages.readings import IDENT_RE
 
 HEALTH_PATH = "/v1/health"
@@ -386,13 +386,6 @@ class _Handler(BaseHTTPRequestHandler):
         """Silenced: `_reply` writes one logfmt line per request."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def server_ssl_context(settings: ReceiverSettings) -> ssl.SSLContext:

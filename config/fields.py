@@ -6,6 +6,7 @@ Where this sits: every settings class under config/ validates its fields with th
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import attrs
@@ -44,8 +45,6 @@ def _port(inst: Any, attr: attrs.Attribute, value: Any) -> None:
 
 
 def _address(inst: Any, attr: attrs.Attribute, value: str) -> None:
-    import ipaddress
-
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -60,3 +59,16 @@ def _ident(inst: Any, attr: attrs.Attribute, value: Any) -> None:
         raise FieldProblem(
             attr.name, f"must be 1-128 characters from [A-Za-z0-9_.:-/] (got {value!r})"
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, "localhost", an IPv6 address with a %scope, or a v4-mapped
+    IPv6 address) is a loopback address; a name other than localhost is not."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from config.fields import is_loopback
+
 if TYPE_CHECKING:  # the CLI builds its parser from `add_arguments` without the config modules
     from config.schema import GatewayConfig
 
@@ -57,15 +59,6 @@ class Opening:
     key: str
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -86,7 +79,7 @@ def inbound_needs(config: GatewayConfig) -> list[Opening]:
         if sensor.type == "nmea" and sensor.nmea is not None:
             # tcp:// is a client connection and serial:// no socket: only udp:// binds.
             ep = sensor.nmea.endpoint
-            if ep.scheme == "udp" and not _is_loopback(ep.host):
+            if ep.scheme == "udp" and not is_loopback(ep.host):
                 needs.append(Opening("udp", ep.port, ep.host,
                                      f"{where} nmea.source={_short(str(ep), 60)}"))
         if sensor.type == "can" and sensor.can is not None \
@@ -112,7 +105,7 @@ def loopback_listeners(config: GatewayConfig) -> list[str]:
     for i, sensor in enumerate(config.sensors):
         if sensor.type == "nmea" and sensor.nmea is not None:
             ep = sensor.nmea.endpoint
-            if ep.scheme == "udp" and _is_loopback(ep.host):
+            if ep.scheme == "udp" and is_loopback(ep.host):
                 found.append(f"sensors[{i}] ({_short(sensor.id)}) nmea {ep}")
     return found
 

@@ -17,7 +17,6 @@ it, so a new listener shows up here and in the rule set together.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tests.mosquitto import require_mosquitto
 from tests.system.conftest import DEMO_SENSORS
 from tests.system.harness import ROOT, GatewayUnderTest, free_port, wait_for, walk
 from tools.central_process import CentralProcess, write_device_key
-from tools.drill.sockets import is_loopback
+from tools.drill.sockets import gateway_processes, is_loopback
 from tools.nftables import inbound_needs
 
 pytestmark = [pytest.mark.system, require_mosquitto]
@@ -104,23 +103,11 @@ def rich(tmp_path_factory):
         setup.stop()
 
 
-def processes(gw: GatewayUnderTest) -> dict[int, psutil.Process]:
-    """The run process, the actor process group, and their children (mosquitto)."""
-    procs: dict[int, psutil.Process] = {}
-    for pid in gw.pids():
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            procs[pid] = proc
-            for child in proc.children(recursive=True):
-                procs[child.pid] = child
-    return procs
-
-
 def sockets(gw: GatewayUnderTest) -> list[dict]:
     """Every inet socket of the gateway's processes: pid, process name, kind, family, state,
     local and remote address."""
     found = []
-    for pid, proc in processes(gw).items():
+    for pid, proc in gateway_processes(gw).items():
         try:
             conns, name = proc.net_connections(kind="inet"), proc.name()
         except psutil.NoSuchProcess:

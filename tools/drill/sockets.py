@@ -19,20 +19,12 @@ from typing import Any
 
 import psutil
 
+from config.fields import is_loopback
 from config.schema import GatewayConfig
 from tools.drill.evidence import SocketWatch
 from tools.harness.rig import walk
 
 SAMPLE_INTERVAL_S = 2.0
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
 
 
 def configured_listeners(parsed: GatewayConfig) -> list[tuple[str, str, int]]:
@@ -47,6 +39,19 @@ def configured_listeners(parsed: GatewayConfig) -> list[tuple[str, str, int]]:
         return address
 
     return [(o.proto, host(o.address), o.port) for o in inbound_needs(parsed)]
+
+
+def gateway_processes(gateway: Any) -> dict[int, psutil.Process]:
+    """The processes of a running gateway (anything with ``pids()``: the run process and the
+    actor process group) and their children (mosquitto), by pid."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in gateway.pids():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            procs[pid] = proc
+            for child in proc.children(recursive=True):
+                procs[child.pid] = child
+    return procs
 
 
 class SocketSampler:
@@ -81,16 +86,7 @@ class SocketSampler:
 
     def _processes(self) -> dict[int, psutil.Process]:
         gateway = self.rig.gateway
-        if gateway is None:
-            return {}
-        procs: dict[int, psutil.Process] = {}
-        for pid in gateway.pids():
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(pid)
-                procs[pid] = proc
-                for child in proc.children(recursive=True):
-                    procs[child.pid] = child
-        return procs
+        return {} if gateway is None else gateway_processes(gateway)
 
     def _actor_names(self) -> dict[int, str]:
         watch = self.rig.watch
