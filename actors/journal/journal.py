@@ -218,8 +218,7 @@ class Journal:
             self.keyring = keyring
             self.retired_key_ids = check_keyring(self._conn, self.path, keyring)
             if keyring is not None:
-                with self._conn:
-                    register_active_key(self._conn, keyring, clock_ns())
+                register_active_key(self._conn, keyring, clock_ns())
         except BaseException:
             self._conn.close()
             raise

@@ -270,10 +270,13 @@ def check_keyring(conn: apsw.Connection, path: str, ring: KeyRing | None) -> lis
 
 def register_active_key(conn: apsw.Connection, ring: KeyRing, now_ns: int) -> None:
     """Record the ring's active key (id and fingerprint) before the first record it seals.
-    Call after `check_keyring`, inside the writer's connection."""
-    conn.execute("INSERT INTO keys(key_id, fingerprint, added_ns) VALUES (?, ?, ?) "
-                 "ON CONFLICT(key_id) DO NOTHING",
-                 (ring.active_id, ring.fingerprint(ring.active_id), now_ns))
+    Call after `check_keyring`, on the writer's connection. Writes only for a key the journal
+    has not seen, so a restart on a full disk opens as before."""
+    if ring.active_id in _journal_keys(conn):
+        return
+    with conn:
+        conn.execute("INSERT INTO keys(key_id, fingerprint, added_ns) VALUES (?, ?, ?)",
+                     (ring.active_id, ring.fingerprint(ring.active_id), now_ns))
 
 
 def prepare_keyring(key_file: str, journal: str) -> tuple[KeyRing | None, str]:
