@@ -33,8 +33,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 WORKFLOW = DEPLOY / "ci" / "github-actions.yml"
 PRODUCTION_CONFIG = DEPLOY / "fleetgw.toml"
 REQUIRE_ENV = "FLEETGW_REQUIRE_SYSTEMD_ANALYZE"
-#: The installed command the unit starts (deploy/PACKAGING.md's layout).
-INSTALLED_FLEETGW = "/opt/fleetgw/venv/bin/fleetgw"
+#: The installed command the unit starts (deploy/PACKAGING.md's layout: releases side by side,
+#: /opt/fleetgw/current the one that runs).
+INSTALLED_FLEETGW = "/opt/fleetgw/current/bin/fleetgw"
 #: What `fleetgw run` may need after the orderly stop: the actor system's shutdown (Thespian
 #: gives up after 10 s), SIGKILL of leftovers (waits up to 10 s), the summary.
 TEARDOWN_S = 25.0
@@ -133,6 +134,24 @@ def test_unit_runs_the_gateway_as_a_watched_unprivileged_notify_service():
     assert seconds(one(s, "TimeoutStartSec")) > START_TIMEOUT_S
     assert one(s, "StateDirectory") == "fleetgw"
     assert one(s, "ConfigurationDirectory") == "fleetgw"
+    assert one(s, "Documentation") == "file:/opt/fleetgw/current/app/deploy/PACKAGING.md"
+
+
+def test_packaging_installs_the_layout_the_unit_runs():
+    """PACKAGING.md's systemd install makes what the unit starts: the release's venv with its
+    source tree in app/, `current` and the config's symlink into it (ROLLOUT.md's layout)."""
+    text = (DEPLOY / "PACKAGING.md").read_text()
+    install = text[text.index("## Install as a systemd service"):]
+    install = install[:install.index("\n## ")]
+    steps = install[install.index("```sh"):install.index("```", install.index("```sh") + 5)]
+    assert 'R=/opt/fleetgw/releases/' in steps
+    for step in ('python3 -m venv "$R"', '"$R/bin/pip" install -e "$R/app"',
+                 'install -m 0644 deploy/fleetgw.toml "$R/fleetgw.toml"',
+                 'ln -sfn "$R" /opt/fleetgw/current',
+                 "ln -sfn /opt/fleetgw/current/fleetgw.toml /etc/fleetgw/fleetgw.toml",
+                 f"{INSTALLED_FLEETGW} journal key new", f"{INSTALLED_FLEETGW} health"):
+        assert step in steps, step
+    assert "/opt/fleetgw/venv" not in install and "/opt/fleetgw/app" not in install
 
 
 def test_stop_goes_to_the_run_process_and_waits_longer_than_its_orderly_stop():
