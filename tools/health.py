@@ -28,7 +28,6 @@ from typing import Any
 
 import attrs
 
-from messages.gateway import GatewayNotConfigured
 from messages.health import HealthReport, HealthRequest, ModelSelfTested, SelfTestModel
 from tools.health_checks import (
     Check,
@@ -40,7 +39,7 @@ from tools.health_checks import (
     check_sync,
     check_version,
 )
-from tools.topology import InspectorError, attach_root
+from tools.topology import InspectorError, ask_root, attach_root
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_UNREACHABLE = 0, 1, 2
 #: Seconds the root has to answer a HealthRequest.
@@ -95,21 +94,8 @@ class Prober:
         self.asys, self.root = attach_root(admin_port)
 
     def ask(self, message: Any, reply_type: type, timeout_s: float) -> Any:
-        """Send ``message`` to the root; the reply of ``reply_type`` with its request id, or
-        None after ``timeout_s``. Raises InspectorError when the root has no gateway."""
-        self.asys.tell(self.root, message)
-        deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            reply = self.asys.listen(remaining)
-            if reply is None:
-                break
-            if isinstance(reply, GatewayNotConfigured) and \
-                    reply.request_id == message.request_id:
-                raise InspectorError(f"admin port {self.admin_port} has an actor system but "
-                                     "no gateway")
-            if isinstance(reply, reply_type) and reply.request_id == message.request_id:
-                return reply
-        return None
+        """See `tools.topology.ask_root`."""
+        return ask_root(self.asys, self.root, self.admin_port, message, reply_type, timeout_s)
 
     def report(self) -> HealthReport:
         report = self.ask(HealthRequest(next(_ids)), HealthReport, REPORT_TIMEOUT_S)

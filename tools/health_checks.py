@@ -68,6 +68,7 @@ class Limits:
 
 
 def walk(node: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Every node of a JSON tree (`fleetgw topology --json`, a HealthReport's), depth first."""
     yield node
     for child in node.get("children", ()):
         yield from walk(child)

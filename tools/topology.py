@@ -56,24 +56,36 @@ def attach_root(admin_port: int) -> tuple[Any, Any]:
                              f"system ({type(exc).__name__}: {exc})") from None
 
 
-def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
-    """The live tree of the gateway on ``admin_port``. Raises InspectorError."""
-    asys, root = attach_root(admin_port)
-    request = TopologyRequest(next(_ids))
-    asys.tell(root, request)
+def ask_root(asys: Any, root: Any, admin_port: int, message: Any, reply_type: type,
+             timeout_s: float) -> Any:
+    """Send ``message`` (with a request id) to the gateway root; its reply of ``reply_type``
+    with that id, or None after ``timeout_s``. Raises InspectorError when the root has no
+    gateway."""
+    asys.tell(root, message)
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
         reply = asys.listen(remaining)
         if reply is None:
             break
-        if isinstance(reply, TopologyReport) and reply.request_id == request.request_id:
-            return reply.root
-        if isinstance(reply, GatewayNotConfigured):
+        if isinstance(reply, GatewayNotConfigured) and \
+                reply.request_id == message.request_id:
             # Our lookup found (or created) a root that no run process has started; an
             # unclaimed root removes itself (supervisors.gateway.UNCLAIMED_EXIT_S).
             raise InspectorError(f"admin port {admin_port} has an actor system but no gateway")
-    raise InspectorError(f"the gateway on admin port {admin_port} did not answer in "
-                         f"{timeout_s:g}s")
+        if isinstance(reply, reply_type) and reply.request_id == message.request_id:
+            return reply
+    return None
+
+
+def fetch_tree(admin_port: int, timeout_s: float = 5.0) -> ActorNode:
+    """The live tree of the gateway on ``admin_port``. Raises InspectorError."""
+    asys, root = attach_root(admin_port)
+    reply = ask_root(asys, root, admin_port, TopologyRequest(next(_ids)), TopologyReport,
+                     timeout_s)
+    if reply is None:
+        raise InspectorError(f"the gateway on admin port {admin_port} did not answer in "
+                             f"{timeout_s:g}s")
+    return reply.root
 
 
 def _fmt_uptime(seconds: float | None) -> str:

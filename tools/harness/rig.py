@@ -43,6 +43,7 @@ from config.loader import default_config_path, parse_config
 from messages.supervision import FAULT_KINDS
 from tools.gateway_process import ROOT, GatewayProcess
 from tools.harness.toml_text import dumps
+from tools.health_checks import actors_down, by_name, walk
 
 #: Seconds between samples of the live tree.
 SAMPLE_INTERVAL_S = 0.5
@@ -81,12 +82,6 @@ class Sample:
 
     at_s: float
     tree: dict[str, Any]
-
-
-def walk(node: dict[str, Any]):
-    yield node
-    for child in node.get("children", []):
-        yield from walk(child)
 
 
 def free_port() -> int:
@@ -327,8 +322,6 @@ class Rig:
         from actors.journal.reader import JournalReader
         from actors.sensors.mqtt import SUBSCRIPTIONS_MARK
         from supervisors.tree import actor_names
-        from tools.health_checks import actors_down
-
         assert self.gateway is not None
         parsed = parse_config(tomllib.loads(Path(self.gateway.config_path).read_text()),
                               self.gateway.config_path)
@@ -405,7 +398,7 @@ class Rig:
         return sample.tree
 
     def nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["name"]: n for n in walk(self.tree())}
+        return by_name(self.tree())
 
     def node(self, name: str) -> dict[str, Any]:
         nodes = self.nodes()
