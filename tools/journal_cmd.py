@@ -160,7 +160,6 @@ def key_command(action: str, key_file: str, db: str | None) -> int:
     material is never printed: ids and fingerprints only). ``db`` (show): how many records
     each key seals there, and whether the file fits that journal. 0 done, 2 refused."""
     from actors.journal.keys import (
-        check_keyring,
         create_key_file,
         load_keyring,
         rotate_key_file,
@@ -184,13 +183,8 @@ def key_command(action: str, key_file: str, db: str | None) -> int:
         counts: dict[int, int] = {}
         if db is not None:
             with open_readonly(db) as reader:
-                report = reader.verify()
-                counts = dict(report.sealed_by_key)
-            conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
-            try:
-                retired = check_keyring(conn, db, ring)
-            finally:
-                conn.close()
+                counts = reader.sealed_counts()
+                retired = reader.check_keyring(ring)
     except JournalError as exc:  # a JournalKeyError too: missing, wrong, too open
         print(f"fleetgw journal key {action}: {exc}", file=sys.stderr)
         return EXIT_NO_JOURNAL

@@ -223,13 +223,19 @@ def _journal_keys(conn: apsw.Connection) -> dict[int, str]:
     return dict(conn.execute("SELECT key_id, fingerprint FROM keys"))
 
 
-def _sealed_with(conn: apsw.Connection, key_id: int) -> int:
-    """Records and quarantined inputs still sealed with ``key_id`` (a scan: only asked for a
-    key the ring lacks)."""
-    (n,) = conn.execute(
-        "SELECT (SELECT count(*) FROM records WHERE key_id = ?1) "
-        "+ (SELECT count(*) FROM quarantine WHERE key_id = ?1)", (key_id,)).fetchone()
-    return n
+#: Where sealed values live: (table, its key id column).
+SEALED_COLUMNS = (("records", "key_id"), ("quarantine", "key_id"), ("cursors", "state_key_id"))
+
+
+def sealed_counts(conn: apsw.Connection) -> dict[int, int]:
+    """Key id -> records, quarantined inputs and consumer states sealed with it (a scan of
+    each table: for verify, `key show`, and a key the ring lacks)."""
+    counts: dict[int, int] = {}
+    for table, column in SEALED_COLUMNS:
+        for key_id, n in conn.execute(f"SELECT {column}, count(*) FROM {table} "
+                                      f"WHERE {column} IS NOT NULL GROUP BY {column}"):
+            counts[key_id] = counts.get(key_id, 0) + n
+    return counts
 
 
 def check_keyring(conn: apsw.Connection, path: str, ring: KeyRing | None) -> list[int]:
@@ -249,6 +255,8 @@ def check_keyring(conn: apsw.Connection, path: str, ring: KeyRing | None) -> lis
             "key_file is configured: set it to the key file that belongs to this journal "
             "(a sealed journal never goes back to writing in clear)")
     retired = []
+    # A scan, so only when the ring lacks a key the journal used.
+    needed = sealed_counts(conn) if any(k not in ring.ids for k in used) else {}
     for key_id, fp in sorted(used.items()):
         if key_id in ring.ids:
             if ring.fingerprint(key_id) != fp:
@@ -258,9 +266,10 @@ def check_keyring(conn: apsw.Connection, path: str, ring: KeyRing | None) -> lis
                     f"(fingerprint {fp[:16]}): the journal was copied from another gateway or "
                     "the key file was replaced; restore the key file that belongs to this "
                     "journal")
-        elif (n := _sealed_with(conn, key_id)):
+        elif (n := needed.get(key_id, 0)):
             raise JournalKeyError(
-                path, f"{n} records of {path} are sealed with key id {key_id} (fingerprint "
+                path, f"{n} records (quarantined inputs and consumer states counted) of "
+                f"{path} are sealed with key id {key_id} (fingerprint "
                 f"{fp[:16]}), which {ring.path} no longer holds: put that key back (keys are "
                 "retired only once no record needs them; `fleetgw journal verify` counts them)")
         else:

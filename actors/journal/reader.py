@@ -21,7 +21,13 @@ from typing import Any
 import apsw
 import attrs
 
-from actors.journal.keys import JournalKeyError, KeyRing, load_keyring
+from actors.journal.keys import (
+    JournalKeyError,
+    KeyRing,
+    check_keyring,
+    load_keyring,
+    sealed_counts,
+)
 from actors.journal.schema import (
     BUSY_TIMEOUT_MS,
     JournalNotFound,
@@ -246,7 +252,8 @@ class VerifyReport:
     problems: tuple[str, ...]
     #: Seqs accounted for by eviction's runs (they complete the cover of 1..last_seq).
     evicted_checked: int = 0
-    #: (key id, records + quarantined inputs sealed with it), for every key still needed.
+    #: (key id, records + quarantined inputs + consumer states sealed with it), for every key
+    #: still needed.
     sealed_by_key: tuple[tuple[int, int], ...] = ()
     #: Sealed payloads whose MAC was checked (all of them when a key ring was given).
     payloads_opened: int = 0
@@ -493,19 +500,16 @@ def _first_gaps(conn: apsw.Connection, device_id: str, limit: int = 3) -> list[s
 
 def _verify_sealed(conn: apsw.Connection, keyring: KeyRing | None,
                    problems: list[str]) -> tuple[tuple[tuple[int, int], ...], int]:
-    """Count what each key sealed; with ``keyring``, open (authenticate) every sealed payload
-    and quarantined input, listing the first few that fail."""
-    counts: dict[int, int] = {}
-    for table in ("records", "quarantine"):
-        for key_id, n in conn.execute(
-                f"SELECT key_id, count(*) FROM {table} WHERE key_id IS NOT NULL GROUP BY key_id"):
-            counts[key_id] = counts.get(key_id, 0) + n
+    """Count what each key sealed; with ``keyring``, open (authenticate) every sealed payload,
+    quarantined input and consumer state, listing the first few that fail."""
+    counts = sealed_counts(conn)
     opened = failed = 0
     if keyring is not None and counts:
         rows = conn.execute(
             "SELECT 'record ' || device_id || '/' || seq, key_id, payload FROM records "
             "WHERE key_id IS NOT NULL UNION ALL SELECT 'quarantined input ' || id, key_id, raw "
-            "FROM quarantine WHERE key_id IS NOT NULL")
+            "FROM quarantine WHERE key_id IS NOT NULL UNION ALL SELECT 'the state of ' || "
+            "consumer, state_key_id, state FROM cursors WHERE state_key_id IS NOT NULL")
         for what, key_id, sealed in rows:
             try:
                 keyring.open(key_id, sealed, what)
@@ -645,6 +649,14 @@ class JournalReader:
     def cursor(self, consumer: str) -> Position:
         """The consumer's durable cursor (START if it never committed); needs no key."""
         return read_cursor(self._conn, consumer)
+
+    def sealed_counts(self) -> dict[int, int]:
+        """See `keys.sealed_counts` (what each key id seals here)."""
+        return sealed_counts(self._conn)
+
+    def check_keyring(self, ring: KeyRing) -> list[int]:
+        """See `keys.check_keyring` (raises if ``ring`` does not fit; the retired ids)."""
+        return check_keyring(self._conn, self.path, ring)
 
     def stats(self) -> JournalStats:
         return collect_stats(self._conn, self.path, None)

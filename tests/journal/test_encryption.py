@@ -238,6 +238,22 @@ def test_a_rotated_key_seals_new_records_and_history_stays_readable(
         prepare_keyring(key, path)
 
 
+def test_a_key_that_only_a_consumer_state_still_needs_is_not_retired(
+    path: str, key: str
+) -> None:
+    with open_journal(path, key) as j:  # the model runner's state, say: idle since
+        assert j.commit_consumer(ConsumerCommit("idle", 1, START, START, state=SECRET_STATE)
+                                 ).cursor == START
+    ring = rotate_key_file(key)
+    Path(key).write_text(f"2 {ring._keys[2].hex()}\n")
+    with pytest.raises(JournalKeyError, match=r"1 records \(quarantined inputs and consumer "
+                                              r"states counted\) .* sealed with key id 1"):
+        open_journal(path, key)
+    with open_readonly(path) as reader:
+        assert reader.sealed_counts() == {1: 1}
+        assert reader.verify().sealed_by_key == ((1, 1),)
+
+
 def test_a_key_no_record_needs_can_be_retired(path: str, key: str) -> None:
     with open_journal(path, key):
         pass  # key 1 registered, nothing sealed with it
