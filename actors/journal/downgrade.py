@@ -27,6 +27,7 @@ from actors.journal.schema import (
     NotAJournal,
     _identify,
     give_back_to_owner,
+    retype_payload,
 )
 
 #: Sealed values opened and rewritten per statement batch (bounds memory, not the transaction).
@@ -57,22 +58,6 @@ def _open_all(conn: apsw.Connection, ring: KeyRing | None, table: str, row: str,
         last = rows[-1][0]
 
 
-def _retype_payload(conn: apsw.Connection, old: str, new: str) -> None:
-    """records.payload's declared type, changed in place (schema._v6_sealed_payloads)."""
-    (sql,) = conn.execute(
-        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'").fetchone()
-    if sql.count(f"payload {old} NOT NULL") != 1:
-        raise apsw.SchemaChangeError(f"unexpected records schema: {sql}")
-    version = conn.pragma("schema_version")
-    conn.pragma("writable_schema", True)
-    try:
-        conn.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = 'records'",
-                     (sql.replace(f"payload {old} NOT NULL", f"payload {new} NOT NULL"),))
-        conn.pragma("schema_version", version + 1)
-    finally:
-        conn.pragma("writable_schema", False)
-
-
 def _undo_v6(conn: apsw.Connection, ring: KeyRing | None) -> None:
     """v6 -> v5: every sealed payload, quarantined input and consumer state back in clear,
     then the key columns and the keys table dropped and payload TEXT again."""
@@ -90,7 +75,7 @@ def _undo_v6(conn: apsw.Connection, ring: KeyRing | None) -> None:
         ALTER TABLE cursors DROP COLUMN state_key_id;
         DROP TABLE keys;
     """)
-    _retype_payload(conn, "ANY", "TEXT")
+    retype_payload(conn, "ANY", "TEXT")
 
 
 #: Step v -> v - 1 for each schema version v that can be undone.

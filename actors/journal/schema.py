@@ -273,15 +273,21 @@ def _v6_sealed_payloads(conn: apsw.Connection) -> None:
         ) STRICT;
         """
     )
+    retype_payload(conn, "TEXT", "ANY")
+
+
+def retype_payload(conn: apsw.Connection, old: str, new: str) -> None:
+    """Change the declared type of ``records.payload`` from ``old`` to ``new`` in place
+    (writable_schema; the rows are not touched). Used by v6 and by its downgrade."""
     (sql,) = conn.execute(
         "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'records'").fetchone()
-    if sql.count("payload TEXT NOT NULL") != 1:
+    if sql.count(f"payload {old} NOT NULL") != 1:
         raise apsw.SchemaChangeError(f"unexpected records schema: {sql}")
     version = conn.pragma("schema_version")
     conn.pragma("writable_schema", True)
     try:
         conn.execute("UPDATE sqlite_schema SET sql = ? WHERE type = 'table' AND name = 'records'",
-                     (sql.replace("payload TEXT NOT NULL", "payload ANY NOT NULL"),))
+                     (sql.replace(f"payload {old} NOT NULL", f"payload {new} NOT NULL"),))
         conn.pragma("schema_version", version + 1)  # every connection reloads the schema
     finally:
         conn.pragma("writable_schema", False)
